@@ -1,0 +1,108 @@
+"""The shipped default model's small causal video autoencoder ("tiny-ae").
+
+64x64 RGB <-> 8x8 latents with ``latent_channels`` channels: spatial stride 8, temporal
+stride 1 (every video frame is one latent frame). The encoder is per frame. The decoder is
+streaming-causal: frame ``f`` is decoded from latents ``f`` and ``f - 1`` (a zero frame before
+the first), so its state is just the previous latent frame and decoding chunk by chunk is
+exactly the full decode. Latents are normalised per channel (``latent_mean``/``latent_std``
+buffers, set once after training) so the DiT sees roughly unit-variance inputs.
+
+    ae = TinyAutoencoder.from_state(state_dict_or_None, latent_channels=8)
+    z = ae.encode(video)                          # [B, T, 3, 64, 64] in [-1, 1] -> [B, T, 8, 8, 8]
+    st = ae.init_state(B); frames, st = ae.decode_chunk(z[:, :3], st)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .vae import VideoAutoencoder
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class TinyAutoencoder(VideoAutoencoder):
+    spatial_stride = 8
+    temporal_stride = 1
+
+    def __init__(self, latent_channels: int = 8, width: int = 32):
+        super().__init__()
+        self.latent_channels, self.width = latent_channels, width
+        w1, w2, w3, w4 = width, 2 * width, 3 * width, 4 * width
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, w1, 4, stride=2, padding=1), nn.SiLU(),             # 32
+            nn.Conv2d(w1, w2, 4, stride=2, padding=1), nn.SiLU(),            # 16
+            nn.Conv2d(w2, w4, 4, stride=2, padding=1), ResBlock(w4), nn.SiLU(),   # 8
+            nn.Conv2d(w4, latent_channels, 1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(2 * latent_channels, w4, 3, padding=1), ResBlock(w4), nn.SiLU(),
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w4, w3, 3, padding=1), ResBlock(w3), nn.SiLU(),  # 16
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w3, w2, 3, padding=1), nn.SiLU(),            # 32
+            nn.Conv2d(w2, 3 * 4, 3, padding=1), nn.PixelShuffle(2))                                         # 64
+        self.register_buffer("latent_mean", torch.zeros(latent_channels))
+        self.register_buffer("latent_std", torch.ones(latent_channels))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_state(cls, state_dict: dict | None, latent_channels: int = 8) -> "TinyAutoencoder":
+        """Random init (``None``) or the trained weights; the width is read from the weights."""
+        if state_dict is None:
+            torch.manual_seed(0)
+            return cls(latent_channels)
+        width = int(state_dict["encoder.0.weight"].shape[0])
+        c = int(state_dict["latent_mean"].shape[0])
+        if c != latent_channels:
+            from .errors import ConfigError
+            raise ConfigError(f"tiny-ae weights have {c} latent channels, the model expects {latent_channels}")
+        ae = cls(latent_channels, width)
+        ae.load_state_dict(state_dict, strict=True)
+        return ae
+
+    # ------------------------------------------------------------------ raw (unnormalised) pieces
+    def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, H, W] -> unnormalised latents [B, T, C, H/8, W/8]."""
+        B, T = video.shape[:2]
+        return self.encoder(video.flatten(0, 1)).unflatten(0, (B, T))
+
+    def decode_raw(self, z: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised latents [B, T, C, h, w] (+ the frame before them) -> pixels [B, T, 3, H, W]."""
+        B, T = z.shape[:2]
+        if prev is None:
+            prev = torch.zeros_like(z[:, :1])
+        shifted = torch.cat([prev, z[:, :-1]], dim=1)                       # latent f-1 for every f
+        x = torch.cat([z, shifted], dim=2).flatten(0, 1)                     # [B*T, 2C, h, w]
+        return self.decoder(x).unflatten(0, (B, T))
+
+    # ------------------------------------------------------------------ VideoAutoencoder API
+    def _norm(self, z):
+        return (z - self.latent_mean.view(1, 1, -1, 1, 1)) / self.latent_std.view(1, 1, -1, 1, 1)
+
+    def _denorm(self, z):
+        return z * self.latent_std.view(1, 1, -1, 1, 1) + self.latent_mean.view(1, 1, -1, 1, 1)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self._norm(self.encode_raw(video.to(self.latent_mean.dtype)))
+
+    def init_state(self, batch: int):
+        return {"prev": None}
+
+    def decode_chunk(self, latents: torch.Tensor, state):
+        z = self._denorm(latents.to(self.latent_mean.dtype))
+        frames = self.decode_raw(z, state["prev"]).clamp(-1, 1)
+        return frames, {"prev": z[:, -1:].detach()}
+
+    @torch.no_grad()
+    def set_latent_stats(self, video: torch.Tensor):
+        """Fit the per-channel normalisation on a batch of videos [B, T, 3, H, W]."""
+        z = self.encode_raw(video)
+        self.latent_mean.copy_(z.mean(dim=(0, 1, 3, 4)))
+        self.latent_std.copy_(z.std(dim=(0, 1, 3, 4)).clamp_min(1e-4))

@@ -1,0 +1,64 @@
+"""Bridge from the attention entry point to the Triton kernels in ``streamgen.kernels``.
+
+Kept separate so that importing the engine never imports Triton. Returns None from the
+attention functions when a call is outside what the kernels support (caller falls back).
+
+Routing of ``attention(q, k, v, mask)`` with backend "triton":
+- mask None -> ``block_causal_attention(mode="full")`` (differentiable; Lq != Lk allowed);
+- :class:`~streamgen.attention.FrameMask` -> ``block_causal_attention`` (differentiable);
+- a dense key-only mask [B|1, 1, 1, Lk] without autograd -> the streaming kernel;
+- any other dense mask -> None (SDPA).
+``stream_attention`` -> the streaming kernel (inference only: None when autograd records).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_available(device) -> bool:
+    """True on CUDA with triton installed; on CPU only under TRITON_INTERPRET=1 (and only if
+    the kernels were defined under it: the variable must be set before they are imported)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and _triton_importable()
+    if dev.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") != "1" or not _triton_importable():
+        return False
+    from streamgen.kernels import stream_attention as sa
+    return type(sa._stream_attn_kernel).__name__ == "InterpretedFunction"
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def triton_attention(q, k, v, mask):
+    from streamgen.attention import FrameMask
+    from streamgen.kernels.block_causal import block_causal_attention
+    if mask is None:
+        return block_causal_attention(q, k, v, mode="full")
+    if isinstance(mask, FrameMask):
+        return block_causal_attention(q, k, v, mask, mode="block_causal")
+    B, Lk = q.shape[0], k.shape[1]
+    if (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+            and mask.shape[1] == mask.shape[2] == 1 and mask.shape[3] == Lk and mask.shape[0] in (1, B)
+            and not _needs_grad(q, k, v)):
+        from streamgen.kernels.stream_attention import stream_attention
+        return stream_attention(q, k, v, mask[:, 0, 0, :].expand(B, Lk))
+    return None
+
+
+def triton_stream_attention(q, k_cache, v_cache, key_valid, k_rope, q_rope=None):
+    if _needs_grad(q, k_cache, v_cache):
+        return None
+    from streamgen.kernels.stream_attention import stream_attention
+    return stream_attention(q, k_cache, v_cache, key_valid, k_rope=k_rope, q_rope=q_rope)

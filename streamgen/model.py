@@ -1,0 +1,241 @@
+"""Wan2.1-layout diffusion transformer, bidirectional or block-causal with the same weights.
+
+Parameter names and shapes are exactly Wan2.1's, so Wan and Self-Forcing-family state dicts
+load without renaming. Additions: per-frame timesteps (per-frame adaLN) and an optional
+action embedding (``action_embedding.{0,2}``) added to the per-frame time embedding.
+
+Shapes: video latents x [B, F, C, H, W] (frame-major, as Self-Forcing's wrapper), timesteps
+t [B, F] in [0, 1000], text context [B, text_len, text_dim], actions [B, F, action_dim].
+The model does no I/O.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention, frame_mask, stream_attention
+from .config import ModelConfig
+from .rope import RopeTables, apply_rope
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding [N, dim] (cos | sin), computed in float64."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ang = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (Wan's WanLayerNorm)."""
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d = cfg.dim
+        self.layer, self.heads, self.head_dim = layer, cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, ctx: "ForwardContext"):
+        B, L, _ = x.shape
+        shape = (B, L, self.heads, self.head_dim)
+        q = self.norm_q(self.q(x)).view(shape)
+        k = self.norm_k(self.k(x)).view(shape)
+        v = self.v(x).view(shape)
+        q = apply_rope(q, *ctx.q_rope)
+        cache = ctx.cache
+        if cache is None:
+            out = attention(q, apply_rope(k, *ctx.q_rope), v, mask=ctx.mask, backend=ctx.backend)
+        else:
+            if cache.cfg.rope == "absolute":
+                k = apply_rope(k, *ctx.q_rope)
+            k_all, v_all = cache.write(self.layer, k, v)                     # [B, S_tok, H, D]
+            out = stream_attention(q, k_all, v_all, cache.key_valid, backend=ctx.backend,
+                                   k_rope=ctx.k_rope)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def kv(self, context):
+        B, Lc, _ = context.shape
+        k = self.norm_k(self.k(context)).view(B, Lc, self.heads, self.head_dim)
+        v = self.v(context).view(B, Lc, self.heads, self.head_dim)
+        return k, v
+
+    def forward(self, x, kv, backend):
+        B, L, _ = x.shape
+        q = self.norm_q(self.q(x)).view(B, L, self.heads, self.head_dim)
+        out = attention(q, kv[0], kv[1], backend=backend)
+        return self.o(out.flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg, layer)
+        self.norm3 = LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+
+    def forward(self, x, e, ctx: "ForwardContext", cross_kv):
+        # x [B, L, dim]; e [B, F, 6, dim]
+        B, L, d = x.shape
+        Fr = e.shape[1]
+        m = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)               # 6 x [B, F, 1, dim]
+        frames = lambda t: t.view(B, Fr, L // Fr, d)                        # noqa: E731
+        y = self.self_attn((frames(self.norm1(x)) * (1 + m[1]) + m[0]).view(B, L, d), ctx)
+        x = x + (frames(y) * m[2]).view(B, L, d)
+        x = x + self.cross_attn(self.norm3(x), cross_kv, ctx.backend)
+        y = self.ffn((frames(self.norm2(x)) * (1 + m[4]) + m[3]).view(B, L, d))
+        return x + (frames(y) * m[5]).view(B, L, d)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e):
+        # x [B, L, dim]; e [B, F, dim]
+        B, L, d = x.shape
+        Fr = e.shape[1]
+        m = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)  # 2 x [B, F, 1, dim]
+        return self.head((self.norm(x).view(B, Fr, L // Fr, d) * (1 + m[1]) + m[0]).view(B, L, d))
+
+
+class ForwardContext:
+    """Per-call attention state shared by all blocks (mask or cache, RoPE tables, backend)."""
+
+    __slots__ = ("q_rope", "k_rope", "mask", "cache", "backend")
+
+    def __init__(self, q_rope, k_rope=None, mask=None, cache=None, backend="sdpa"):
+        self.q_rope, self.k_rope, self.mask, self.cache, self.backend = q_rope, k_rope, mask, cache, backend
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.dim, cfg.patch_size
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=p, stride=p)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if cfg.actions.enabled:
+            self.action_embedding = nn.Sequential(nn.Linear(cfg.actions.dim, d), nn.SiLU(), nn.Linear(d, d))
+            nn.init.zeros_(self.action_embedding[2].weight)
+            nn.init.zeros_(self.action_embedding[2].bias)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.rope = RopeTables(cfg)
+        self.attn_backend = "sdpa"
+
+    # ------------------------------------------------------------------ pieces
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """[B, text_len, text_dim] -> context [B, text_len, dim]."""
+        return self.text_embedding(text)
+
+    def cross_kv(self, text: torch.Tensor):
+        """Per-layer cross-attention K/V of a prompt (cache it per session)."""
+        context = self.embed_text(text)
+        return [blk.cross_attn.kv(context) for blk in self.blocks]
+
+    def _time(self, t, action):
+        B, Fr = t.shape
+        sin = sinusoidal_embedding(self.cfg.freq_dim, t.flatten())
+        e = self.time_embedding(sin.to(self.time_embedding[0].weight.dtype))           # [B*F, dim]
+        if action is not None and self.cfg.actions.enabled:
+            e = e + self.action_embedding(action.reshape(B * Fr, -1).to(e.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))          # [B*F, 6, dim]
+        return e.view(B, Fr, -1), e0.view(B, Fr, 6, -1)
+
+    def _patchify(self, x):
+        # x [B, F, C, H, W] -> tokens [B, F*h*w, dim], grid (F, h, w)
+        y = self.patch_embedding(x.transpose(1, 2))                          # [B, dim, F', h, w]
+        grid = y.shape[2:]
+        return y.flatten(2).transpose(1, 2), grid
+
+    def _unpatchify(self, y, grid):
+        B = y.shape[0]
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_channels
+        y = y.view(B, f, h, w, pt, ph, pw, c)
+        y = torch.einsum("bfhwpqrc->bfpchqwr", y)
+        return y.reshape(B, f * pt, c, h * ph, w * pw)                      # [B, F, C, H, W]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, t, text=None, *, action=None, cache=None, cross_kv=None,
+                attn_mode: str = "bidirectional", chunk_frames: int = 1, sink_frames: int = 0,
+                window_frames: int = -1, frame_offset: int = 0):
+        """Flow prediction v [B, F, C, H, W].
+
+        Full forward (cache=None): ``attn_mode`` "bidirectional" or "block_causal" (chunks of
+        ``chunk_frames``; ``window_frames``/``sink_frames`` restrict it like a rolling cache).
+        Streaming (cache given): x is the chunk the cache was prepared for with
+        ``cache.begin_chunk``; its K/V are written into the cache in place.
+        Text: pass ``text`` [B, text_len, text_dim] or precomputed ``cross_kv``
+        (default: ``cache.cross_kv``).
+        """
+        B, Fr = x.shape[:2]
+        if t.dim() == 1:
+            t = t[:, None].expand(B, Fr)
+        if cross_kv is None:
+            cross_kv = cache.cross_kv if (cache is not None and text is None) else self.cross_kv(text)
+        tokens, grid = self._patchify(x)
+        f, h, w = grid
+        e, e0 = self._time(t, action)
+        if self.cfg.patch_size[0] != 1:
+            raise NotImplementedError("temporal patching is not supported by the streaming engine")
+        if cache is None:
+            pos = torch.arange(frame_offset, frame_offset + f, device=x.device).expand(B, f)
+            ctx = ForwardContext(self.rope.grid(pos, h, w), backend=self.attn_backend,
+                                 mask=frame_mask(f, h * w, mode=attn_mode, chunk_frames=chunk_frames,
+                                                 sink_frames=sink_frames, window_frames=window_frames,
+                                                 device=x.device))
+        else:
+            k_rope = None
+            if cache.cfg.rope == "relative":
+                k_rope = self.rope.grid(cache.k_pos, h, w)
+            ctx = ForwardContext(self.rope.grid(cache.q_pos, h, w), k_rope=k_rope, cache=cache,
+                                 backend=self.attn_backend)
+        for blk, kv in zip(self.blocks, cross_kv):
+            tokens = blk(tokens, e0, ctx, kv)
+        return self._unpatchify(self.head(tokens, e), grid)

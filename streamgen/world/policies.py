@@ -1,0 +1,127 @@
+"""Action policies: scripted and random drivers that emit engine-schema actions per frame.
+
+Every policy is ``fn(world, rng, frames) -> list[action]`` with actions
+``{"keys": [...], "mouse": [dx, dy]}`` (keys from W/A/S/D, mouse in [-1, 1], dy always 0).
+
+* ``random``   piecewise-constant random key combinations and turns (segments of 3-12 frames);
+               the inverse-dynamics evaluator is trained on this, every action is frequent.
+* ``human``    smooth, human-like: mostly walking forward, mouse dx from a low-pass filtered
+               random process, slows and turns away from walls, occasional strafes and stops.
+* ``revisit``  returns to earlier poses: 360-degree turns and go-forward/turn/come-back loops
+               whose lengths are multiples of 48 frames (the lanterns' common period).
+* ``scripted`` a fixed tour: walk, turn 90 degrees, look around; same every time.
+* ``mixed``    per clip, one of the above (random 40 %, human 40 %, revisit 20 %).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .render import FORWARD, TURN_DEG, World
+
+POLICIES = ("random", "human", "revisit", "scripted", "mixed")
+TURN_360 = int(round(360 / TURN_DEG))   # frames of a full turn at |dx| = 1 (48)
+
+
+def act(keys=(), dx: float = 0.0) -> dict:
+    return {"keys": list(keys), "mouse": [round(float(dx), 4), 0.0]}
+
+
+def random_policy(world: World, rng: np.random.Generator, frames: int) -> list[dict]:
+    out: list[dict] = []
+    while len(out) < frames:
+        n = int(rng.integers(3, 13))
+        keys = [k for k, p in (("W", 0.45), ("A", 0.2), ("S", 0.2), ("D", 0.2)) if rng.random() < p]
+        r = rng.random()
+        dx = 0.0 if r < 0.4 else float(rng.choice([-1.0, -0.5, 0.5, 1.0])) if r < 0.8 else float(rng.uniform(-1, 1))
+        out += [act(keys, dx)] * n
+    return out[:frames]
+
+
+def _clearance(world: World, pose, dist: float = 0.6) -> bool:
+    x, y, yaw = pose
+    return not world.blocked(x + dist * math.cos(yaw), y + dist * math.sin(yaw))
+
+
+def human_policy(world: World, rng: np.random.Generator, frames: int) -> list[dict]:
+    out: list[dict] = []
+    pose = world.spawn.copy()
+    dx, target, hold, mode = 0.0, 0.0, 0, "walk"
+    for _ in range(frames):
+        if hold <= 0:
+            r = rng.random()
+            mode = "walk" if r < 0.7 else "strafe" if r < 0.82 else "look" if r < 0.94 else "stop"
+            target = float(rng.normal(0, 0.35))
+            hold = int(rng.integers(8, 32))
+        hold -= 1
+        if not _clearance(world, pose) and mode in ("walk", "strafe"):
+            target = math.copysign(0.9, target if target else 1.0)     # turn away from the wall
+        dx = 0.8 * dx + 0.2 * target + float(rng.normal(0, 0.03))    # low-pass mouse
+        dx = float(np.clip(dx, -1, 1))
+        keys = {"walk": ["W"], "strafe": ["W", "A" if target < 0 else "D"], "look": [], "stop": []}[mode]
+        if mode == "walk" and not _clearance(world, pose, 0.35):
+            keys = []
+        a = act(keys, dx)
+        out.append(a)
+        pose = world.move(pose, a)
+    return out
+
+
+def revisit_script(kind: str = "turn", dx: float = 1.0, forward: int = 24) -> list[dict]:
+    """A returning action script. ``turn``: 360 degrees; ``back``: go, turn 180, return, turn 180."""
+    turn = int(round(TURN_360 / abs(dx)))
+    if kind == "turn":
+        return [act((), dx)] * turn
+    if kind == "back":
+        half = [act((), dx)] * (turn // 2)
+        return [act(["W"])] * forward + half + [act(["W"])] * forward + half
+    raise ValueError(f"unknown revisit kind {kind!r}")
+
+
+def free_run(world: World, pose) -> float:
+    """Free distance (cells) straight ahead of a pose, with the collision radius."""
+    x, y, yaw = pose
+    d = 0.0
+    while d < 20 and not world.blocked(x + (d + 0.05) * math.cos(yaw), y + (d + 0.05) * math.sin(yaw)):
+        d += 0.05
+    return d
+
+
+def revisit_policy(world: World, rng: np.random.Generator, frames: int) -> list[dict]:
+    out: list[dict] = []
+    pose = world.spawn.copy()
+    while len(out) < frames:
+        run = free_run(world, pose)
+        fwd = int(min(24, (run - 0.1) / FORWARD))
+        seg = revisit_script("back", 1.0, fwd) if fwd >= 6 and rng.random() < 0.6 else \
+            revisit_script("turn", float(rng.choice([-1.0, 1.0])))
+        seg += human_policy(_at(world, pose), rng, int(rng.integers(6, 20)))
+        for a in seg:
+            pose = world.move(pose, a)
+        out += seg
+    return out[:frames]
+
+
+def _at(world: World, pose) -> World:
+    """A shallow view of ``world`` whose spawn is ``pose`` (for chaining policies)."""
+    w = object.__new__(World)
+    w.__dict__.update(world.__dict__)
+    w.spawn = np.asarray(pose, np.float64).copy()
+    return w
+
+
+def scripted_policy(world: World, rng: np.random.Generator, frames: int) -> list[dict]:
+    tour = [act(["W"])] * 24 + [act((), 1.0)] * 12 + [act(["W"])] * 16 + [act((), -0.5)] * 24 \
+        + [act(["W", "D"])] * 8 + [act((), 0.5)] * 24 + [act(["S"])] * 8
+    return (tour * (frames // len(tour) + 1))[:frames]
+
+
+def run_policy(name: str, world: World, rng: np.random.Generator, frames: int) -> list[dict]:
+    if name == "mixed":
+        name = ("random", "human", "revisit")[int(rng.choice(3, p=[0.4, 0.4, 0.2]))]
+    fn = {"random": random_policy, "human": human_policy, "revisit": revisit_policy,
+          "scripted": scripted_policy}.get(name)
+    if fn is None:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    return fn(world, rng, frames)

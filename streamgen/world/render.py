@@ -1,0 +1,304 @@
+"""The world: a seeded grid-map maze with moving lanterns, and its vectorised numpy raycaster.
+
+Geometry (all from the seed, never from text):
+  * a maze on a ``2n+1`` square grid (recursive backtracker, extra walls knocked out for loops
+    and a few open rooms); cell value 0 = free, 1..3 = wall material variant;
+  * ``n_sprites`` floating lanterns, each moving back and forth along a straight free run with
+    period 24 or 48 frames (so every revisit script of a multiple of 48 frames sees them at
+    the same place again) and a vertical bob;
+  * a spawn pose (x, y, yaw) in cell units / radians.
+
+Movement (per video frame, from the engine action schema): W/S move forward/back by
+``FORWARD`` cells, A/D strafe left/right by ``STRAFE`` cells, mouse dx turns by
+``TURN_DEG * dx`` degrees (positive = right / clockwise on screen), mouse dy is accepted and
+ignored (the world has no pitch). Collisions keep the camera ``RADIUS`` away from walls.
+
+Rendering: column raycasting (DDA) vectorised over all columns of all frames of a batch, then
+per-pixel texture lookup for walls, floor and ceiling/sky, depth-tested sprite discs, time of
+day lighting and exponential fog. :func:`render` takes N poses and N frame times and returns
+uint8 [N, H, W, 3].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .scene import TEX, THEMES, TIME_LIGHT, WEATHER_FOG, Look, theme_assets
+
+FOV_DEG = 66.0
+TURN_DEG = 7.5        # degrees of yaw per frame at mouse dx = 1 (360 deg = 48 frames)
+FORWARD = 0.10        # cells per frame for W / S
+STRAFE = 0.07         # cells per frame for A / D
+RADIUS = 0.2          # collision radius in cells
+SPRITE_PERIODS = (24, 48)
+
+
+@dataclass
+class Sprite:
+    a: np.ndarray        # [2] one end of the patrol (x, y)
+    b: np.ndarray        # [2] other end
+    period: int          # frames
+    phase: float         # radians
+
+    def position(self, t: np.ndarray) -> np.ndarray:
+        """t: [N] frame times -> [N, 3] (x, y, z) with z the bob height offset."""
+        w = 2 * math.pi * np.asarray(t, np.float64) / self.period + self.phase
+        s = (0.5 - 0.5 * np.cos(w))[:, None]
+        xy = self.a[None] + (self.b - self.a)[None] * s
+        z = 0.12 * np.sin(2 * w)[:, None]
+        return np.concatenate([xy, z], axis=1)
+
+
+class World:
+    """Layout, moving objects and spawn pose of one seed. Deterministic."""
+
+    def __init__(self, seed: int, cells: int = 8, n_sprites: int = 4):
+        self.seed = int(seed)
+        rng = np.random.default_rng([self.seed, 7])
+        self.grid = _maze(rng, cells)                              # [G, G] int8
+        free = np.argwhere(self.grid == 0)                         # [F, 2] (row=y, col=x)
+        self.sprites = [_sprite(rng, self.grid, free) for _ in range(n_sprites)]
+        y, x = free[rng.integers(len(free))]
+        self.spawn = np.array([x + 0.5, y + 0.5, rng.uniform(-math.pi, math.pi)], np.float64)
+
+    @property
+    def size(self) -> int:
+        return self.grid.shape[0]
+
+    def blocked(self, x: float, y: float) -> bool:
+        g = self.grid
+        for dx in (-RADIUS, RADIUS):
+            for dy in (-RADIUS, RADIUS):
+                if g[int(math.floor(y + dy)), int(math.floor(x + dx))]:
+                    return True
+        return False
+
+    def move(self, pose, action: dict) -> np.ndarray:
+        """Next pose [3] after one frame of a validated action (keys + mouse)."""
+        x, y, yaw = (float(v) for v in pose)
+        keys = action.get("keys", ())
+        yaw = yaw + math.radians(TURN_DEG) * float(action.get("mouse", (0.0, 0.0))[0])
+        yaw = math.atan2(math.sin(yaw), math.cos(yaw))
+        fwd = FORWARD * ((1.0 if "W" in keys else 0.0) - (1.0 if "S" in keys else 0.0))
+        side = STRAFE * ((1.0 if "D" in keys else 0.0) - (1.0 if "A" in keys else 0.0))
+        c, s = math.cos(yaw), math.sin(yaw)
+        # right-hand vector in screen terms is (-sin, cos) for this y-down grid
+        dx, dy = fwd * c - side * s, fwd * s + side * c
+        if not self.blocked(x + dx, y):
+            x += dx
+        if not self.blocked(x, y + dy):
+            y += dy
+        return np.array([x, y, yaw], np.float64)
+
+    def poses(self, actions, start=None) -> np.ndarray:
+        """Pose of every frame: frame i is rendered after applying action i. -> [N, 3]"""
+        p = self.spawn if start is None else np.asarray(start, np.float64)
+        out = np.zeros((len(actions), 3), np.float64)
+        for i, a in enumerate(actions):
+            p = self.move(p, a)
+            out[i] = p
+        return out
+
+
+def _maze(rng, n: int) -> np.ndarray:
+    g = np.ones((2 * n + 1, 2 * n + 1), np.int8)
+    seen = np.zeros((n, n), bool)
+    stack = [(int(rng.integers(n)), int(rng.integers(n)))]
+    seen[stack[0]] = True
+    g[2 * stack[0][0] + 1, 2 * stack[0][1] + 1] = 0
+    while stack:
+        r, c = stack[-1]
+        nbrs = [(r + dr, c + dc) for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1))
+                if 0 <= r + dr < n and 0 <= c + dc < n and not seen[r + dr, c + dc]]
+        if not nbrs:
+            stack.pop()
+            continue
+        nr, nc = nbrs[rng.integers(len(nbrs))]
+        seen[nr, nc] = True
+        g[r + nr + 1, c + nc + 1] = 0
+        g[2 * nr + 1, 2 * nc + 1] = 0
+        stack.append((nr, nc))
+    # knock out extra interior walls (loops) and open two small rooms
+    inner = [(r, c) for r in range(1, 2 * n) for c in range(1, 2 * n) if g[r, c] and (r + c) % 2 == 1]
+    for i in rng.permutation(len(inner))[: len(inner) // 5]:
+        g[inner[i]] = 0
+    for _ in range(2):
+        r, c = rng.integers(1, 2 * n - 2, size=2)
+        g[r:r + 3, c:c + 3] = 0
+    g[0, :] = g[-1, :] = g[:, 0] = g[:, -1] = 1
+    walls = g > 0
+    g[walls] = rng.integers(1, 4, size=int(walls.sum())).astype(np.int8)
+    return g
+
+
+def _sprite(rng, grid, free) -> Sprite:
+    best = None
+    for _ in range(12):
+        y, x = free[rng.integers(len(free))]
+        for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1)):
+            k = 0
+            while grid[y + dy * (k + 1), x + dx * (k + 1)] == 0 and k < 5:
+                k += 1
+            if best is None or k > best[0]:
+                best = (k, x, y, dx, dy)
+    k, x, y, dx, dy = best
+    a = np.array([x + 0.5, y + 0.5])
+    b = a + np.array([dx, dy]) * max(k, 0)
+    return Sprite(a, b, int(SPRITE_PERIODS[rng.integers(2)]), float(rng.uniform(0, 2 * math.pi)))
+
+
+# ----------------------------------------------------------------------------- renderer
+_ASSETS: dict[str, dict] = {}
+_SPRITE_RADIUS = 0.22   # world units
+
+
+def _assets(theme: str) -> dict:
+    if theme not in _ASSETS:
+        a = theme_assets(theme)
+        a["flat"] = a["atlas"].reshape(-1, 3)                          # [5*TEX*TEX, 3]
+        _ASSETS[theme] = a
+    return _ASSETS[theme]
+
+
+def _cast(grid: np.ndarray, px, py, rdx, rdy):
+    """DDA over all rays at once. All inputs [R]. -> perp dist, side (0: x-face), material, wall u."""
+    mx, my = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
+    with np.errstate(divide="ignore"):
+        ddx = np.where(rdx == 0, 1e30, np.abs(1.0 / rdx))
+        ddy = np.where(rdy == 0, 1e30, np.abs(1.0 / rdy))
+    sx, sy = np.where(rdx < 0, -1, 1), np.where(rdy < 0, -1, 1)
+    sdx = np.where(rdx < 0, (px - mx) * ddx, (mx + 1.0 - px) * ddx)
+    sdy = np.where(rdy < 0, (py - my) * ddy, (my + 1.0 - py) * ddy)
+    side = np.zeros(px.shape, np.int8)
+    mat = np.zeros(px.shape, np.int8)
+    act = np.arange(px.shape[0])
+    G = grid.shape[0]
+    for _ in range(4 * G):
+        if act.size == 0:
+            break
+        ax = sdx[act] < sdy[act]                                   # step in x for these rays
+        ix, iy = act[ax], act[~ax]
+        mx[ix] += sx[ix]
+        sdx[ix] += ddx[ix]
+        my[iy] += sy[iy]
+        sdy[iy] += ddy[iy]
+        side[act] = np.where(ax, 0, 1)
+        m = grid[np.clip(my[act], 0, G - 1), np.clip(mx[act], 0, G - 1)]
+        hit = m > 0
+        mat[act[hit]] = m[hit]
+        act = act[~hit]
+    perp = np.where(side == 0, sdx - ddx, sdy - ddy)
+    perp = np.maximum(perp, 1e-3)
+    u = np.where(side == 0, py + perp * rdy, px + perp * rdx)
+    return perp, side, mat, u - np.floor(u)
+
+
+_GEOM: dict[tuple, tuple] = {}
+
+
+def _geometry(h: int, w: int):
+    key = (h, w)
+    if key not in _GEOM:
+        plane = math.tan(math.radians(FOV_DEG) / 2)
+        cam = (2.0 * (np.arange(w) + 0.5) / w - 1.0) * plane      # [W]
+        yy = np.arange(h) + 0.5 - h / 2.0                         # [H] rows relative to horizon
+        row_dist = (h / 2.0) / np.abs(yy)                          # [H] floor/ceiling distance
+        _GEOM[key] = (cam, yy, row_dist)
+    return _GEOM[key]
+
+
+def render(world: World, poses, times, look: Look, size: int | tuple[int, int] = 64) -> np.ndarray:
+    """poses [N, 3] (x, y, yaw), times [N] frame indices -> uint8 frames [N, H, W, 3]."""
+    h, w = (size, size) if isinstance(size, int) else size
+    poses = np.asarray(poses, np.float64).reshape(-1, 3)
+    times = np.asarray(times, np.float64).reshape(-1)
+    n = poses.shape[0]
+    A = _assets(look.theme)
+    cam, yy, row_dist = _geometry(h, w)
+    px, py, yaw = poses[:, 0:1], poses[:, 1:2], poses[:, 2:3]               # [N, 1]
+    cx, cy = np.cos(yaw), np.sin(yaw)
+    rdx, rdy = cx - cy * cam[None], cy + cx * cam[None]                       # [N, W] ray dirs
+    perp, side, mat, u = _cast(world.grid, np.broadcast_to(px, (n, w)).ravel(),
+                               np.broadcast_to(py, (n, w)).ravel(), rdx.ravel(), rdy.ravel())
+    perp, side, mat, u = (a.reshape(n, w) for a in (perp, side, mat, u))
+    # --- per-pixel material index into the flat atlas and depth ---------------------------
+    ayy = np.abs(yy)[None, :, None]                                          # [1, H, 1]
+    wall = ayy * perp[:, None, :] < h / 2.0                                  # [N, H, W]
+    v = (yy[None, :, None] / (h / perp[:, None, :]) + 0.5)                   # [N, H, W]
+    tv_w = np.clip((v * TEX).astype(np.int32), 0, TEX - 1)
+    tu_w = np.clip((u * TEX).astype(np.int32), 0, TEX - 1)[:, None, :]
+    rd = row_dist[None, :, None]                                             # [1, H, 1]
+    fx = (px[:, :, None] + rd * rdx[:, None, :]).astype(np.float32)          # [N, H, W]
+    fy = (py[:, :, None] + rd * rdy[:, None, :]).astype(np.float32)
+    tu_f = ((fx - np.floor(fx)) * TEX).astype(np.int32)
+    tv_f = ((fy - np.floor(fy)) * TEX).astype(np.int32)
+    below = (yy > 0)[None, :, None]
+    fmat = np.where(below, 3, 4)
+    idx = np.where(wall, ((mat[:, None, :].astype(np.int32) - 1) * TEX + tv_w) * TEX + tu_w,
+                   (fmat * TEX + tv_f) * TEX + tu_f)
+    color = A["flat"][idx]                                                    # [N, H, W, 3]
+    depth = np.where(wall, perp[:, None, :], rd).astype(np.float32)          # [N, H, W]
+    sky = (~wall) & ~below
+    if A["sky"] is not None:
+        top, hor = A["sky"]
+        g = np.clip((yy + h / 2.0) / (h / 2.0), 0, 1)[:, None].astype(np.float32)  # [H, 1]
+        sky_rows = top[None] * (1 - g) + hor[None] * g                        # [H, 3]
+        color = np.where(sky[..., None], sky_rows[None, :, None, :], color)
+        depth = np.where(sky, 60.0, depth)
+    shade = np.where(wall & (side[:, None, :] == 1), 0.72, 1.0).astype(np.float32)
+    emissive = np.zeros(depth.shape, bool)
+    # --- sprites (lanterns): depth-tested discs, emissive ---------------------------------
+    plane = math.tan(math.radians(FOV_DEG) / 2)
+    xs = np.arange(w, dtype=np.float32)[None, None, :]
+    ys = np.arange(h, dtype=np.float32)[None, :, None]
+    for sp in world.sprites:
+        pos = sp.position(times)                                              # [N, 3]
+        rx, ry = pos[:, 0] - poses[:, 0], pos[:, 1] - poses[:, 1]
+        dep = rx * cx[:, 0] + ry * cy[:, 0]                                   # [N] depth along view
+        lat = (-rx * cy[:, 0] + ry * cx[:, 0]) / plane                        # [N]
+        ok = dep > 0.15
+        if not ok.any():
+            continue
+        dep_s = np.where(ok, dep, 1.0)
+        scx = (w / 2.0) * (1 + lat / dep_s) - 0.5                             # [N] screen centre x
+        scy = h / 2.0 - 0.5 + (h / dep_s) * (-pos[:, 2])                     # [N] screen centre y
+        rad_x = ((w / 2.0) / plane * _SPRITE_RADIUS / dep_s)[:, None, None]  # [N, 1, 1] pixels
+        rad_y = (h * _SPRITE_RADIUS / dep_s)[:, None, None]
+        d2 = ((xs - scx[:, None, None]) / rad_x) ** 2 + ((ys - scy[:, None, None]) / rad_y) ** 2
+        m = (d2 < 1.0) & ok[:, None, None] & (dep_s[:, None, None] < depth)
+        if m.any():
+            glow = (1.15 - 0.6 * d2)[..., None] * A["sprite"][None, None, None]
+            color = np.where(m[..., None], glow.astype(np.float32), color)
+            depth = np.where(m, dep_s[:, None, None].astype(np.float32), depth)
+            emissive |= m
+    # --- lighting and fog -------------------------------------------------------------------
+    level, tint, k = TIME_LIGHT[look.time]
+    light = level / (1.0 + k * depth * depth)                                 # [N, H, W]
+    if A["sky"] is not None and look.time == "night":
+        color = np.where(sky[..., None], color * 0.25, color)
+    light = np.where(sky, max(level, 0.6), light)
+    light = np.where(emissive, 1.0, light * shade)
+    color = color * light[..., None] * np.asarray(tint, np.float32)
+    dens = WEATHER_FOG[look.weather] + (0.04 if look.time == "night" else 0.0)
+    if dens > 0:
+        fog = A["fog"] * (0.35 if look.time == "night" else 1.0) * np.asarray(tint, np.float32)
+        f = np.exp(-dens * depth)[..., None]
+        color = color * f + fog * (1.0 - f)
+    return (np.clip(color, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def render_mix(world: World, poses, times, look_a: Look, look_b: Look, mix, size=64) -> np.ndarray:
+    """Cross-fade between two looks per frame (mix [N] in [0, 1], 1 = look_b). -> uint8 [N, H, W, 3]"""
+    mix = np.asarray(mix, np.float32).reshape(-1, 1, 1, 1)
+    if np.all(mix <= 0):
+        return render(world, poses, times, look_a, size)
+    if np.all(mix >= 1):
+        return render(world, poses, times, look_b, size)
+    a = render(world, poses, times, look_a, size).astype(np.float32)
+    b = render(world, poses, times, look_b, size).astype(np.float32)
+    return (a * (1 - mix) + b * mix + 0.5).astype(np.uint8)
+
+
+__all__ = ["World", "Sprite", "render", "render_mix", "THEMES", "TURN_DEG", "FORWARD", "STRAFE"]

@@ -1,0 +1,135 @@
+"""The browser page in headless Chromium (Debian's `chromium`, driven over the DevTools protocol):
+it connects, renders frames (screenshot not blank) and keys change the actions sent."""
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from streamgen.pipeline import Pipeline
+from streamgen.server.app import create_app
+from streamgen.server.cli import ServerThread
+
+
+def _chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=600)
+        exe = shutil.which("chromium")
+    return exe
+
+
+CHROME = _chromium()
+pytestmark = pytest.mark.skipif(CHROME is None, reason="chromium is not installed and could not be installed "
+                                "(needs root + apt-get: `apt-get install -y chromium`)")
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class CDP:
+    def __init__(self, ws):
+        self.ws, self.n = ws, 0
+
+    async def call(self, method, **params):
+        self.n += 1
+        my = self.n
+        await self.ws.send(json.dumps({"id": my, "method": method, "params": params}))
+        while True:
+            m = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
+            if m.get("id") == my:
+                if "error" in m:
+                    raise RuntimeError(m["error"])
+                return m["result"]
+
+    async def js(self, expr):
+        r = await self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        return r["result"].get("value")
+
+    async def key(self, code, key, down=True):
+        await self.call("Input.dispatchKeyEvent", type="keyDown" if down else "keyUp", code=code, key=key,
+                        windowsVirtualKeyCode=ord(key.upper()))
+
+
+def test_browser_page_streams_and_sends_keys():
+    from websockets.asyncio.client import connect
+    pipe = Pipeline.from_pretrained("tiny-world", random_weights=True)
+    app = create_app(pipe, max_sessions=2, pace=2.0)
+    port = _free_port()
+    with ServerThread(app) as srv, tempfile.TemporaryDirectory() as prof:
+        chrome = subprocess.Popen([CHROME, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                                   "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                                   "--disable-sync", f"--user-data-dir={prof}", f"--remote-debugging-port={port}",
+                                   "--window-size=900,700", "about:blank"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            t0 = time.time()
+            while True:
+                try:
+                    targets = httpx.get(f"http://127.0.0.1:{port}/json").json()
+                    page = [t for t in targets if t["type"] == "page"][0]
+                    break
+                except Exception:
+                    assert time.time() - t0 < 60 and chrome.poll() is None, "chromium did not start"
+                    time.sleep(0.2)
+
+            async def go():
+                async with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+                    cdp = CDP(ws)
+                    await cdp.call("Page.enable")
+                    await cdp.call("Page.navigate", url=srv.url + "/?autostart=1")
+                    t_end = time.time() + 30
+                    while time.time() < t_end and not await cdp.js("window.sg && sg.framesDrawn >= 6"):
+                        await asyncio.sleep(0.2)
+                    assert await cdp.js("sg.framesDrawn") >= 6, await cdp.js("JSON.stringify(sg && sg.errors)")
+                    await cdp.js("document.getElementById('screen').focus()")
+                    await cdp.key("KeyW", "w")
+                    await asyncio.sleep(0.3)
+                    await cdp.key("KeyD", "d")
+                    await asyncio.sleep(0.3)
+                    sent = await cdp.js("JSON.stringify(sg.sentLog)")
+                    await cdp.key("KeyW", "w", down=False)
+                    t_end = time.time() + 10
+                    while time.time() < t_end:
+                        last = json.loads(await cdp.js("JSON.stringify(sg.sentLog)"))[-1]
+                        if await cdp.js("sg.lastFrameSeq") >= last["seq"]:
+                            break
+                        await asyncio.sleep(0.1)
+                    reflected = await cdp.js("sg.lastFrameSeq")
+                    colours = await cdp.js("(() => { const c = document.getElementById('screen'); "
+                                           "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; "
+                                           "const s = new Set(); for (let i = 0; i < d.length; i += 4) "
+                                           "s.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]); return s.size; })()")
+                    r = await cdp.js("JSON.stringify(document.getElementById('screen').getBoundingClientRect())")
+                    r = json.loads(r)
+                    shot = await cdp.call("Page.captureScreenshot", format="png",
+                                          clip={"x": r["x"], "y": r["y"], "width": r["width"], "height": r["height"],
+                                                "scale": 1})
+                    return json.loads(sent), last, reflected, shot["data"], colours
+            sent, last, reflected, png, colours = asyncio.run(go())
+        finally:
+            chrome.kill()
+            chrome.wait()
+    keysets = [tuple(a["keys"]) for a in sent]
+    assert ("W",) in keysets and ("W", "D") in keysets, keysets
+    assert last["keys"] == ["D"]
+    assert reflected >= last["seq"], "the server applied the page's latest action"
+    from PIL import Image
+    img = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB"))
+    assert colours > 4, "canvas holds no rendered frame"
+    # screenshot of just the canvas: a rendered frame, not a flat colour
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 4 and img.std() > 5, "screenshot is blank"

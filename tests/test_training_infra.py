@@ -1,0 +1,170 @@
+"""Training infrastructure: config validation, SIGKILL resume, 2-rank gloo training, smoke stages."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import yaml
+
+from streamgen.autoencoder import TinyAutoencoder
+from streamgen.checkpoint import read_weights, save_release
+from streamgen.config import PipelineConfig, to_dict
+from streamgen.errors import ConfigError
+from streamgen.model import WanDiT
+from streamgen.training.config import load_run_config, run_config_from_dict
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def _fixture_releases(tmp):
+    """Random tiny-world teacher + autoencoder releases (the students' inputs)."""
+    torch.manual_seed(0)
+    p = PipelineConfig.from_name("tiny-world")
+    save_release(str(tmp / "teacher.safetensors"), WanDiT(p.model).state_dict(), to_dict(p))
+    save_release(str(tmp / "ae.safetensors"), TinyAutoencoder(4, width=8).state_dict())
+
+
+def _cfg(tmp, stage="dmd", **kw):
+    c = dict(stage=stage, pipeline="tiny-world", out=str(tmp / stage), steps=12, batch_size=2, log_every=1,
+             ckpt_every=2, threads=1, progress="none", gen_every=2, teacher=str(tmp / "teacher.safetensors"),
+             init="teacher", autoencoder=str(tmp / "ae.safetensors"),
+             data=dict(clips=20, clip_frames=6, cache_dir=str(tmp / "data")))
+    c.update(kw)
+    path = tmp / f"{stage}-{c['out'].split('/')[-1]}.yaml"
+    path.write_text(yaml.safe_dump(c))
+    return str(path)
+
+
+def _train(cfg_path, *extra, timeout=60):
+    cmd = [sys.executable, "-m", "streamgen.training.train", "--config", cfg_path, *extra]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        run_config_from_dict({"stage": "teacher", "lr": 1})
+    with pytest.raises(ConfigError, match="stage"):
+        run_config_from_dict({"stage": "nope"})
+    with pytest.raises(ConfigError, match="teacher release"):
+        run_config_from_dict({"stage": "dmd"})
+    cfg = run_config_from_dict({"stage": "teacher", "optim": {"lr": 1e-3, "betas": [0, 0.999]}},
+                               overrides={"steps": 5, "data.clips": 7})
+    assert cfg.steps == 5 and cfg.data.clips == 7 and cfg.optim.betas == (0, 0.999)
+
+
+def test_shipped_recipes_parse():
+    root = os.path.join(os.path.dirname(__file__), "..", "training", "configs")
+    found = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".yaml"):
+                load_run_config(os.path.join(d, f))
+                found += 1
+    assert found >= 8
+    wan = load_run_config(os.path.join(root, "wan2.1-1.3b-self-forcing-dmd.yaml"))
+    assert wan.optim.lr == 2e-6 and wan.critic_optim.lr == 4e-7 and wan.gen_every == 5
+    assert wan.guidance == 3.0 and wan.shift == 5.0 and wan.ema_decay == 0.99 and wan.ema_start == 200
+    assert list(wan.pipeline_config().sampler.denoising_steps) == [1000, 750, 500, 250]
+
+
+def test_sigkill_resume_continues_identically(tmp_path):
+    _fixture_releases(tmp_path)
+    ref = _cfg(tmp_path, out=str(tmp_path / "ref"), steps=24)
+    r = _train(ref)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = _cfg(tmp_path, out=str(tmp_path / "killed"), steps=24)
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen.training.train", "--config", run], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / "killed" / "ckpt"
+    t0 = time.time()
+    while time.time() - t0 < 50 and not any(n.startswith("step-") and n.endswith(".pt")
+                                            for n in (os.listdir(ck) if ck.exists() else [])):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "done.json").exists(), "the run finished before it could be killed"
+    r = _train(run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    a, _ = read_weights(str(tmp_path / "ref" / "release.safetensors"))
+    b, _ = read_weights(str(tmp_path / "killed" / "release.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = torch.load(tmp_path / "ref" / "ckpt" / "step-00000024.pt", weights_only=True)
+    sb = torch.load(tmp_path / "killed" / "ckpt" / "step-00000024.pt", weights_only=True)
+    for k in sa["model.critic"]:
+        assert torch.equal(sa["model.critic"][k], sb["model.critic"][k]), k
+
+
+WORKER = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    from streamgen.training.config import load_run_config
+    from streamgen.training.distributed import Dist
+    from streamgen.training.trainers import build_stage
+    cfg = load_run_config(sys.argv[1])
+    d = Dist()
+    stage = build_stage(cfg, d)
+    init = {k: v.clone() for k, v in stage.mods["generator"].state_dict().items()}
+    for step in range(3):
+        stage.step(step)
+    out = {"gen": stage.mods["generator"].state_dict(), "critic": stage.mods["critic"].state_dict(),
+           "init": init, "world": d.world}
+    torch.save(out, os.path.join(sys.argv[2], f"rank{d.rank}.pt"))
+    d.close()
+""")
+
+
+def test_two_rank_gloo_identical_weights(tmp_path):
+    _fixture_releases(tmp_path)
+    cfg = _cfg(tmp_path, out=str(tmp_path / "ddp"), steps=3, gen_every=1)
+    # render/encode the data once, so both ranks read the same cache
+    r = _train(_cfg(tmp_path, stage="teacher", out=str(tmp_path / "prep"), steps=0))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "worker.py").write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "worker.py"), cfg, str(tmp_path)]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a["world"] == 2
+    moved = False
+    for part in ("gen", "critic"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for k in a["gen"]:
+        moved |= not torch.equal(a["gen"][k], a["init"][k])
+    assert moved, "the generator did not train"
+
+
+def test_smoke_every_stage(tmp_path):
+    """CI smoke: autoencoder -> teacher -> ode_init -> consistency -> dmd -> TF -> DF, a few steps each."""
+    root = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "smoke")
+    for name in sorted(os.listdir(root)):
+        cfg = yaml.safe_load(open(os.path.join(root, name)))
+        for key in ("out", "autoencoder", "teacher", "init"):
+            if key in cfg and cfg[key] and cfg[key] != "teacher":
+                cfg[key] = cfg[key].replace("runs/smoke", str(tmp_path))
+        cfg["data"]["cache_dir"] = str(tmp_path / "data")
+        (tmp_path / name).write_text(yaml.safe_dump(cfg))
+    r = _train(str(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("autoencoder", "teacher", "ode_init", "consistency", "dmd", "teacher_forcing",
+                  "diffusion_forcing"):
+        assert (tmp_path / stage / "release.safetensors").exists(), stage
+        assert (tmp_path / stage / "metrics.jsonl").exists(), stage
+    assert (tmp_path / "dmd" / "loss.png").exists()
+    assert any(n.endswith(".mp4") for n in os.listdir(tmp_path / "dmd" / "samples"))
+    # the release export: config.json + model + autoencoder, loadable and streamable
+    from streamgen.training.export import export, load_release
+    info = export(str(tmp_path), "dmd", dest=str(tmp_path / "release"), gif="sample.gif", gif_seconds=0.5)
+    assert all(s < 16 * 2 ** 20 for s in info["sizes"].values())
+    pipe = load_release(str(tmp_path / "release"))
+    frames = pipe.session("a brick dungeon", seed=0).step({"keys": ["W"]})
+    assert frames.shape == (3, 64, 64, 3) and (tmp_path / "release" / "sample.gif").exists()

@@ -1,0 +1,113 @@
+"""Every training formula against a hand-computed case (streamgen.training.losses)."""
+import pytest
+import torch
+
+from streamgen.training import losses as L
+
+
+def full(v, shape=(1, 1, 1, 1, 1)):
+    return torch.full(shape, float(v))
+
+
+def test_shifted_timesteps_and_clamp():
+    # shift 5: u=0.5 -> 1000 * 2.5 / 3 = 833.33; u=0 -> 0 -> clamp 20; u=1 -> 1000 -> clamp 980
+    t = L.shifted_timesteps(torch.tensor([0.5, 0.0, 1.0]), 5.0, 20.0, 980.0)
+    assert torch.allclose(t, torch.tensor([2500.0 / 3, 20.0, 980.0]))
+    # shift 1 is the identity before the clamp
+    assert torch.allclose(L.shifted_timesteps(torch.tensor([0.25]), 1.0), torch.tensor([250.0]))
+
+
+def test_sample_timesteps_granularity():
+    g = torch.Generator().manual_seed(0)
+    t = L.sample_timesteps(3, 7, per="chunk", chunk_frames=3, generator=g)
+    assert t.shape == (3, 7)
+    assert torch.all(t[:, 0] == t[:, 2]) and torch.all(t[:, 3] == t[:, 5])
+    assert float(t.min()) >= 20 and float(t.max()) <= 980
+    c = L.sample_timesteps(2, 5, per="clip", generator=g)
+    assert torch.all(c == c[:, :1])
+    with pytest.raises(ValueError):
+        L.sample_timesteps(1, 1, per="nope")
+
+
+def test_noise_flow_x0_roundtrip():
+    # x0=1, eps=3, t=250: x_t = 0.75*1 + 0.25*3 = 1.5; v = eps - x0 = 2; x0 = 1.5 - 0.25*2 = 1
+    t = torch.tensor([[250.0]])
+    x_t = L.noise_latents(full(1), full(3), t)
+    assert torch.allclose(x_t, full(1.5))
+    assert torch.allclose(L.x0_from_flow(x_t, full(2), t), full(1))
+    assert torch.allclose(L.flow_from_x0(x_t, full(1), t), full(2))
+
+
+def test_flow_matching_loss_hand_case():
+    # target v = eps - x0 = 3 - 1 = 2; prediction 0 -> squared error 4; weight 0.5 -> 2
+    assert L.flow_matching_loss(full(0), full(1), full(3)).item() == pytest.approx(4.0)
+    w = torch.tensor([[0.5]])
+    assert L.flow_matching_loss(full(0), full(1), full(3), weight=w).item() == pytest.approx(2.0)
+
+
+def test_cfg_dropout_and_combine():
+    text = torch.ones(3, 2, 4)
+    out, keep = L.cfg_dropout(text, 0.5, mask=torch.tensor([True, False, True]))
+    assert keep.tolist() == [True, False, True]
+    assert out[1].abs().sum() == 0 and torch.all(out[0] == 1) and torch.all(out[2] == 1)
+    assert L.cfg_dropout(text, 1.0)[0].abs().sum() == 0          # p=1 drops everything
+    assert torch.all(L.cfg_dropout(text, 0.0)[0] == 1)           # p=0 keeps everything
+    # Self-Forcing's real score: cond + g (cond - uncond) = 2 + 3 * (2 - 1) = 5
+    assert L.cfg_combine(torch.tensor(2.0), torch.tensor(1.0), 3.0).item() == 5.0
+
+
+def test_dmd_gradient_and_loss_hand_case():
+    x = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1, 1)
+    real = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1, 1)
+    fake = torch.tensor([1.0, 1.0]).view(1, 2, 1, 1, 1)
+    # mean|x - real| = (1 + 2) / 2 = 1.5; grad = (fake - real) / 1.5 = [2/3, 0]
+    g = L.dmd_gradient(x, fake, real)
+    assert torch.allclose(g.float().flatten(), torch.tensor([2 / 3, 0.0]))
+    xg = x.clone().requires_grad_(True)
+    loss = L.dmd_loss(xg, g)
+    # loss = 0.5 * mean(grad^2) = 0.5 * (4/9) / 2 = 1/9; d loss / dx = grad / numel
+    assert loss.item() == pytest.approx(1 / 9)
+    loss.backward()
+    assert torch.allclose(xg.grad.flatten(), torch.tensor([1 / 3, 0.0]))
+
+
+def test_dmd_normaliser_is_per_sample():
+    x = torch.zeros(2, 1, 1, 1, 1)
+    real = torch.tensor([1.0, 4.0]).view(2, 1, 1, 1, 1)
+    fake = torch.zeros(2, 1, 1, 1, 1)
+    assert torch.allclose(L.dmd_gradient(x, fake, real).float().flatten(), torch.tensor([-1.0, -1.0]))
+
+
+def test_critic_loss_detaches_samples():
+    x0 = torch.ones(1, 1, 1, 1, 1, requires_grad=True)
+    v = torch.zeros(1, 1, 1, 1, 1, requires_grad=True)
+    L.critic_loss(v, x0, full(3)).backward()
+    assert x0.grad is None and v.grad.item() == pytest.approx(-4.0)   # d/dv (v - 2)^2 at 0
+
+
+def test_exit_step_uniform():
+    g = torch.Generator().manual_seed(0)
+    draws = [L.sample_exit_step(4, g) for _ in range(4000)]
+    counts = torch.bincount(torch.tensor(draws), minlength=4).float() / 4000
+    assert set(draws) == {0, 1, 2, 3} and torch.all((counts - 0.25).abs() < 0.03)
+
+
+def test_euler_and_ode_timesteps():
+    # x=1, v=2 from t=500 to t=250: 1 + (0.25 - 0.5) * 2 = 0.5
+    out = L.euler_step(full(1), full(2), torch.tensor([[500.0]]), torch.tensor([[250.0]]))
+    assert torch.allclose(out, full(0.5))
+    assert L.ode_timesteps(2, 1.0) == pytest.approx([1000.0, 500.0, 0.0])
+    assert L.ode_timesteps(2, 5.0)[1] == pytest.approx(2500 / 3)
+    # an Euler step with the exact flow of a straight path lands on x0
+    x0, eps, t = full(1), full(3), torch.tensor([[800.0]])
+    x_t = L.noise_latents(x0, eps, t)
+    assert torch.allclose(L.euler_step(x_t, eps - x0, t, torch.zeros(1, 1)), x0)
+
+
+def test_ema_update_hand_case():
+    ema = {"w": torch.tensor([1.0])}
+    L.ema_update(ema, {"w": torch.tensor([3.0])}, 0.9)
+    assert ema["w"].item() == pytest.approx(1.2)          # 0.9 * 1 + 0.1 * 3
+    L.ema_update(ema, {"w": torch.tensor([5.0])}, 0.0)    # decay 0 copies
+    assert ema["w"].item() == 5.0
+    assert L.ema_decay_at(200, 0.99, 200) == 0.0 and L.ema_decay_at(201, 0.99, 200) == 0.99

@@ -1,0 +1,1 @@
+"""streamgen subpackage."""

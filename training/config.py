@@ -1,0 +1,178 @@
+"""Run configs: dataclasses loaded from YAML, unknown keys rejected, values validated.
+
+    cfg = load_run_config("training/configs/default/2_teacher.yaml", overrides={"steps": 10})
+
+One ``RunConfig`` describes one stage (autoencoder | teacher | ode_init | consistency | dmd |
+teacher_forcing | diffusion_forcing). Paths are relative to the working directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from ..config import PIPELINE_PRESETS, PipelineConfig, to_dict
+from ..errors import ConfigError
+
+STAGES = ("autoencoder", "teacher", "ode_init", "consistency", "dmd", "teacher_forcing", "diffusion_forcing")
+
+
+@dataclass
+class DataConfig:
+    source: str = "world"          # "world" (procedural world clips) | "folder" (a user's videos)
+    clips: int = 1024              # world clips to render (once, cached)
+    clip_frames: int = 12          # video frames per clip (= latent frames, temporal stride 1)
+    size: int = 64
+    seed: int = 0
+    policy: str = "random"
+    folder: str = ""               # source "folder": directory of videos
+    captions: str = ""             # source "folder": captions JSONL
+    cache_dir: str = "runs/data"   # rendered frames / latents / text embeddings cached here
+
+    def validate(self):
+        if self.source not in ("world", "folder"):
+            raise ConfigError(f"data.source must be 'world' or 'folder', got {self.source!r}")
+        if self.clips <= 0 or self.clip_frames <= 0 or self.size <= 0:
+            raise ConfigError("data.clips, data.clip_frames and data.size must be > 0")
+        if self.source == "folder" and not self.folder:
+            raise ConfigError("data.source 'folder' needs data.folder")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup: int = 0
+
+    def validate(self):
+        if self.lr <= 0 or len(self.betas) != 2 or self.grad_clip <= 0 or self.warmup < 0:
+            raise ConfigError("optim: lr > 0, two betas, grad_clip > 0 and warmup >= 0 required")
+
+
+@dataclass
+class RunConfig:
+    stage: str = "teacher"
+    pipeline: Any = "small-world"          # PipelineConfig preset name or dict
+    out: str = "runs/default/teacher"
+    steps: int = 1000
+    batch_size: int = 8
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, betas=(0.0, 0.999)))
+    # inputs from earlier stages (release files)
+    autoencoder: str = ""                  # tiny-ae release (all DiT stages encode with it)
+    teacher: str = ""                      # bidirectional teacher release
+    init: str = ""                         # generator init (student stages); "teacher" = the teacher
+    # flow matching / CFG
+    shift: float = 5.0
+    t_min: float = 20.0
+    t_max: float = 980.0
+    timestep_per: str = "chunk"            # "clip" | "chunk" | "frame" (teacher/critic noise levels)
+    text_dropout: float = 0.1
+    action_dropout: float = 0.1
+    guidance: float = 3.0                  # real-score CFG: cond + g (cond - uncond)
+    guidance_on: str = "text"              # "text" | "text+actions" (what "uncond" drops)
+    # students
+    gen_every: int = 5                     # generator update every k critic updates (DMD)
+    ema_decay: float = 0.99
+    ema_start: int = 200
+    ode_steps: int = 24                    # teacher Euler steps for ode_init trajectories
+    ode_samples: int = 256                 # stored teacher trajectories
+    context: str = "self"                  # rollout context: "self" (SF) | "clean" (TF) | "noisy" (DF)
+    # autoencoder
+    ae_width: int = 32
+    ae_latent_noise: float = 0.1           # decoder trained on latents + this * N(0, std)
+    # infrastructure
+    ckpt_every: int = 100
+    ckpt_minutes: float = 3.0
+    sample_every: int = 0                  # 0: only at the end
+    log_every: int = 10
+    precision: str = "auto"                # "auto" (bf16 on GPU) | "fp32" | "bf16"
+    grad_checkpointing: str = "auto"       # "auto" (on GPU) | "on" | "off"
+    threads: int = 0                       # torch CPU threads (0: leave)
+    progress: str = "bar"                  # "bar" | "none"
+
+    # ------------------------------------------------------------------
+    def pipeline_config(self) -> PipelineConfig:
+        p = self.pipeline
+        return PipelineConfig.from_name(p) if isinstance(p, str) else PipelineConfig.from_dict(p)
+
+    def validate(self) -> "RunConfig":
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if isinstance(self.pipeline, str) and self.pipeline not in PIPELINE_PRESETS:
+            raise ConfigError(f"unknown pipeline preset {self.pipeline!r}")
+        self.pipeline_config()
+        if self.steps < 0 or self.batch_size <= 0:
+            raise ConfigError("steps >= 0 and batch_size > 0 required")
+        if self.timestep_per not in ("clip", "chunk", "frame"):
+            raise ConfigError("timestep_per must be 'clip', 'chunk' or 'frame'")
+        if self.context not in ("self", "clean", "noisy"):
+            raise ConfigError("context must be 'self', 'clean' or 'noisy'")
+        if self.guidance_on not in ("text", "text+actions"):
+            raise ConfigError("guidance_on must be 'text' or 'text+actions'")
+        if self.precision not in ("auto", "fp32", "bf16") or self.grad_checkpointing not in ("auto", "on", "off"):
+            raise ConfigError("precision: auto|fp32|bf16; grad_checkpointing: auto|on|off")
+        if self.progress not in ("bar", "none"):
+            raise ConfigError("progress must be 'bar' or 'none'")
+        if not 0 <= self.text_dropout <= 1 or not 0 <= self.action_dropout <= 1:
+            raise ConfigError("dropout probabilities must lie in [0, 1]")
+        if not 0 <= self.t_min < self.t_max <= 1000:
+            raise ConfigError("need 0 <= t_min < t_max <= 1000")
+        if self.gen_every <= 0 or not 0 <= self.ema_decay < 1:
+            raise ConfigError("gen_every > 0 and 0 <= ema_decay < 1 required")
+        if self.stage != "autoencoder" and self.stage != "teacher" and not self.teacher:
+            raise ConfigError(f"stage {self.stage!r} needs a teacher release")
+        self.data.validate()
+        self.optim.validate()
+        self.critic_optim.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+_SUB = {"data": DataConfig, "optim": OptimConfig, "critic_optim": OptimConfig}
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kw = {}
+    for k, v in data.items():
+        if cls is RunConfig and k in _SUB:
+            v = _build(_SUB[k], v or {}, f"{where}.{k}")
+        elif isinstance(v, list) and k != "pipeline":
+            v = tuple(v)
+        kw[k] = v
+    return cls(**kw)
+
+
+def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig:
+    cfg = _build(RunConfig, dict(data or {}), "config")
+    for k, v in (overrides or {}).items():
+        if k.startswith("data."):
+            cfg.data = dataclasses.replace(cfg.data, **{k[5:]: v})
+        elif not hasattr(cfg, k):
+            raise ConfigError(f"unknown override {k!r}")
+        else:
+            setattr(cfg, k, v)
+    return cfg.validate()
+
+
+def load_run_config(path: str, overrides: dict | None = None) -> RunConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    return run_config_from_dict(data, overrides)

@@ -1,0 +1,138 @@
+"""Pure training formulas (no modules, no I/O); each one is checked on a hand-computed case.
+
+Conventions (Wan / Self-Forcing, as streamgen.sampling): x_t = (1 - s) x0 + s eps with
+s = t / 1000, the model predicts the flow v = eps - x0, so x0 = x_t - s v.
+Shapes: latents [B, F, C, H, W], timesteps t [B, F] in [0, 1000].
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sampling import shift_sigma
+
+
+# ------------------------------------------------------------------ timesteps
+def sample_timesteps(batch: int, frames: int, *, shift: float = 5.0, t_min: float = 20.0,
+                     t_max: float = 980.0, per: str = "clip", chunk_frames: int = 3,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Timesteps [B, F]: u ~ U(0,1) per clip | chunk | frame, shifted, then clamped to [t_min, t_max].
+
+    t = clamp(1000 * shift*u / (1 + (shift-1)*u), t_min, t_max).
+    """
+    if per == "clip":
+        u = torch.rand(batch, 1, generator=generator).expand(batch, frames)
+    elif per == "chunk":
+        n = -(-frames // chunk_frames)
+        u = torch.rand(batch, n, generator=generator).repeat_interleave(chunk_frames, 1)[:, :frames]
+    elif per == "frame":
+        u = torch.rand(batch, frames, generator=generator)
+    else:
+        raise ValueError(f"per must be 'clip', 'chunk' or 'frame', got {per!r}")
+    return shifted_timesteps(u, shift, t_min, t_max)
+
+
+def shifted_timesteps(u: torch.Tensor, shift: float, t_min: float = 20.0, t_max: float = 980.0) -> torch.Tensor:
+    return (1000.0 * shift_sigma(u, shift)).clamp(t_min, t_max).contiguous()
+
+
+def sigma_of(t: torch.Tensor) -> torch.Tensor:
+    """[B, F] timesteps -> sigmas broadcastable to latents [B, F, 1, 1, 1]."""
+    return (t / 1000.0)[:, :, None, None, None]
+
+
+def noise_latents(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - s) x0 + s eps with per-frame s = t/1000."""
+    s = sigma_of(t).to(x0.dtype)
+    return (1 - s) * x0 + s * eps
+
+
+def x0_from_flow(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 = x_t - s v (per-frame s)."""
+    return x_t - sigma_of(t).to(v.dtype) * v
+
+
+def flow_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """v = (x_t - x0) / s, the flow that maps x_t to x0 (s > 0)."""
+    return (x_t - x0) / sigma_of(t).to(x0.dtype)
+
+
+# ------------------------------------------------------------------ flow matching
+def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over everything of w * (v_pred - (eps - x0))^2; ``weight`` [B, F] per frame (optional)."""
+    err = (v_pred.float() - (eps.float() - x0.float())).pow(2)
+    if weight is not None:
+        err = err * weight[:, :, None, None, None]
+    return err.mean()
+
+
+def cfg_dropout(text: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each sample's conditioning by zeros with probability p (the "uncond" embedding).
+
+    text [B, ...]; returns (dropped, keep [B] bool). ``mask`` overrides the random draw.
+    """
+    if mask is None:
+        mask = torch.rand(text.shape[0], generator=generator) >= p
+    keep = mask.to(text.device)
+    return text * keep.view(-1, *([1] * (text.dim() - 1))).to(text.dtype), keep
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Self-Forcing's real-score guidance: cond + g * (cond - uncond) (g=0: no guidance)."""
+    return cond + guidance * (cond - uncond)
+
+
+# ------------------------------------------------------------------ DMD
+def dmd_gradient(x: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
+    """DMD gradient (fake - real) / mean|x - real|, normaliser per sample over (F, C, H, W)."""
+    dims = tuple(range(1, x.dim()))
+    norm = (x.double() - real_x0.double()).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+    grad = (fake_x0.double() - real_x0.double()) / norm
+    return torch.nan_to_num(grad)
+
+
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * mean (x - stopgrad(x - grad))^2: its gradient w.r.t. x is grad / numel."""
+    target = (x.double() - grad.double()).detach()
+    return 0.5 * (x.double() - target).pow(2).mean()
+
+
+def critic_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The fake-score (critic) objective: flow matching on detached generator samples."""
+    return flow_matching_loss(v_pred, x0.detach(), eps)
+
+
+def ode_regression_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:
+    """CausVid / Self-Forcing ode_init: MSE between predicted and teacher-trajectory x0."""
+    return (x0_pred.float() - x0_target.float()).pow(2).mean()
+
+
+# ------------------------------------------------------------------ few-step schedule helpers
+def sample_exit_step(num_steps: int, generator: torch.Generator | None = None) -> int:
+    """One exit step in {0, ..., num_steps-1}, uniform, shared by every chunk of a rollout."""
+    return int(torch.randint(0, num_steps, (1,), generator=generator).item())
+
+
+def euler_step(x_t: torch.Tensor, v: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+    """One flow ODE step: x_{t_to} = x_t + (s_to - s_from) v (per-frame sigmas)."""
+    return x_t + (sigma_of(t_to) - sigma_of(t_from)).to(v.dtype) * v
+
+
+def ode_timesteps(num_steps: int, shift: float) -> list[float]:
+    """``num_steps`` + 1 decreasing timesteps of the shifted schedule, 1000 -> 0."""
+    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return [float(v) for v in 1000.0 * shift_sigma(u, shift)]
+
+
+# ------------------------------------------------------------------ EMA
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, in place (decay=0 copies)."""
+    for k, p in params.items():
+        ema[k].mul_(decay).add_(p.detach().to(ema[k].dtype), alpha=1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float, start: int) -> float:
+    """Self-Forcing: the EMA starts at ``start`` (a copy), then decays by ``decay`` per update."""
+    return 0.0 if step <= start else decay

@@ -1,0 +1,86 @@
+"""Self-forcing rollout: the student generates chunk by chunk through its own KV cache.
+
+Each chunk runs exactly the inference chunk step of ``streamgen.streaming.generate_chunk``
+(``cache.begin_chunk``, few-step denoise through the cache, a context pass at
+``context_noise``), except that the denoising chain stops at ``exit_step`` (shared by every
+chunk), the steps before it run under no_grad and only the exit step carries gradient. The
+exit step runs with ``cache.functional = True`` so its K/V write returns new tensors and the
+in-place writes of later no-grad passes cannot corrupt its autograd graph; the context pass
+(detached) then writes the clean K/V in place, as at inference.
+
+``context`` picks what the context pass sees: "self" (the student's own x0: Self Forcing),
+"clean" (ground-truth latents: Teacher Forcing) or "noisy" (ground truth noised to a random
+level per chunk: Diffusion Forcing).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..cache import StreamCache
+from ..sampling import add_noise, to_x0
+
+STATIC = ("write_index", "key_valid", "q_pos", "k_pos")
+
+
+def _fresh_statics(cache: StreamCache):
+    """Give the cache new per-chunk index tensors; the old ones stay saved in the autograd graph."""
+    for name in STATIC:
+        setattr(cache, name, getattr(cache, name).clone())
+
+
+def rollout(model, cache: StreamCache, timesteps: list[float], noise: torch.Tensor,
+            draw: Callable[[tuple], torch.Tensor], exit_step: int, actions: torch.Tensor | None = None,
+            context: str = "self", gt: torch.Tensor | None = None, context_t: torch.Tensor | None = None,
+            context_noise: float = 0.0, grad: bool = True) -> torch.Tensor:
+    """Roll out every chunk of ``noise`` [B, F, C, H, W]; returns x0 [B, F, C, H, W].
+
+    timesteps: the few-step list (already warped); exit_step: index into it.
+    draw(shape) -> fresh noise. cache: reset, with ``cache.cross_kv`` set (may carry grad).
+    gt [B, F, ...] and context_t [B, n_chunks] are needed for context "clean"/"noisy".
+    """
+    B, Fr = noise.shape[:2]
+    k = cache.chunk_frames
+    out = []
+    for ci, s in enumerate(range(0, Fr, k)):
+        a = None if actions is None else actions[:, s:s + k]
+        x = noise[:, s:s + k]
+        cache.begin_chunk(k)
+        tt = lambda t: torch.full((B, k), float(t), device=x.device, dtype=torch.float32)  # noqa: E731
+        with torch.no_grad():
+            for i in range(exit_step):
+                x0 = to_x0(x, model(x, tt(timesteps[i]), cache=cache, action=a), timesteps[i] / 1000.0)
+                x = add_noise(x0, draw(x.shape), timesteps[i + 1] / 1000.0)
+        t_exit = timesteps[exit_step]
+        if grad:
+            cache.functional = True
+            try:
+                x0 = to_x0(x, model(x, tt(t_exit), cache=cache, action=a), t_exit / 1000.0)
+            finally:
+                cache.functional = False
+            _fresh_statics(cache)
+        else:
+            with torch.no_grad():
+                x0 = to_x0(x, model(x, tt(t_exit), cache=cache, action=a), t_exit / 1000.0)
+        out.append(x0)
+        with torch.no_grad():
+            if context == "self":
+                ctx = x0.detach()
+                ctx = ctx if context_noise == 0 else add_noise(ctx, draw(ctx.shape), context_noise / 1000.0)
+                t_ctx = tt(context_noise)
+            elif context == "clean":
+                ctx, t_ctx = gt[:, s:s + k], tt(0.0)
+            elif context == "noisy":
+                t_ctx = context_t[:, ci:ci + 1].expand(B, k).float()
+                sig = (t_ctx / 1000.0)[:, :, None, None, None]
+                ctx = ((1 - sig) * gt[:, s:s + k] + sig * draw(x.shape)).to(x.dtype)
+            else:
+                raise ValueError(f"context must be 'self', 'clean' or 'noisy', got {context!r}")
+            model(ctx, t_ctx, cache=cache, action=a)
+    return torch.cat(out, dim=1)
+
+
+def new_cache(pcfg, batch: int, device="cpu", dtype=torch.float32) -> StreamCache:
+    return StreamCache(pcfg.model, pcfg.cache, batch, pcfg.tokens_per_frame, pcfg.sampler.chunk_frames,
+                       device=device, dtype=dtype)

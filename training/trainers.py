@@ -1,0 +1,502 @@
+"""Training stages. They only orchestrate: every formula lives in ``losses.py``, the
+self-forcing rollout in ``rollout.py``.
+
+Stage protocol: ``Stage(cfg, dist)``; ``state()`` / ``load(state)`` for checkpoints;
+``step(i) -> metrics``; ``sample(i) -> uint8 [T, H, W, 3] | None``; ``export(dir)`` writes
+``release.safetensors`` (Wan key names, pipeline config in metadata; the autoencoder
+stage writes the tiny-ae weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+
+import torch
+import torch.utils.checkpoint
+
+from ..autoencoder import TinyAutoencoder
+from ..checkpoint import check_and_load, read_weights, save_release, unwrap_state_dict
+from ..config import to_dict
+from ..model import WanDiT
+from ..sampling import FewStepSampler
+from ..streaming import rollout as inference_rollout
+from . import losses as L
+from .config import RunConfig
+from .data import batch_indices, load_frames, load_latents, step_seed, to_video
+from .distributed import Dist, full_state_dict
+from .rollout import new_cache, rollout
+
+HELD_OUT = 16   # last clips of the data set: samples, never trained on
+
+
+# ------------------------------------------------------------------ helpers
+def load_dit(pcfg, path: str | None, dist: Dist) -> WanDiT:
+    torch.manual_seed(0)
+    m = WanDiT(pcfg.model)
+    if path:
+        sd, _ = read_weights(path)
+        check_and_load(m, unwrap_state_dict(sd), source=path)
+    return m.to(dist.device)
+
+
+def load_autoencoder(path: str, latent_channels: int, device) -> TinyAutoencoder:
+    sd = read_weights(path)[0] if path else None
+    return TinyAutoencoder.from_state(sd, latent_channels).to(device).eval()
+
+
+def adamw(params, oc) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def frozen(m: torch.nn.Module) -> torch.nn.Module:
+    m.eval().requires_grad_(False)
+    return m
+
+
+def enable_grad_checkpointing(model: WanDiT):
+    for blk in model.blocks:
+        fwd = blk.forward
+        blk.forward = functools.partial(torch.utils.checkpoint.checkpoint, fwd, use_reentrant=False)
+
+
+class Stage:
+    def __init__(self, cfg: RunConfig, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        self.pcfg = cfg.pipeline_config()
+        self.device = dist.device
+        on_gpu = self.device.type == "cuda"
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+        self.ckpt_act = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and on_gpu)
+        self.opts: dict[str, torch.optim.Optimizer] = {}
+        self.mods: dict[str, torch.nn.Module] = {}
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def gen(self, step: int, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.dist.rank, salt))
+
+    def randn(self, shape, g):
+        return torch.randn(shape, generator=g).to(self.device)
+
+    def update(self, name: str, loss: torch.Tensor, step: int, oc) -> float:
+        """backward, all-reduce, clip, warmup lr, AdamW step. Returns the grad norm."""
+        m, opt = self.mods[name], self.opts[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.dist.sync_grads(m)
+        gn = torch.nn.utils.clip_grad_norm_(m.parameters(), oc.grad_clip)
+        scale = min(1.0, (step + 1) / oc.warmup) if oc.warmup else 1.0
+        for group in opt.param_groups:
+            group["lr"] = oc.lr * scale
+        opt.step()
+        return float(gn)
+
+    def init_ema(self, model):
+        self.ema = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def ema_step(self, model, step: int):
+        d = L.ema_decay_at(step, self.cfg.ema_decay, self.cfg.ema_start)
+        L.ema_update(self.ema, dict(model.named_parameters()), d)
+
+    def ema_state_dict(self, model) -> dict:
+        sd = full_state_dict(model)
+        for k, v in self.ema.items():
+            sd[k] = v.detach().cpu().clone()
+        return sd
+
+    def state(self) -> dict:
+        s = {f"model.{n}": full_state_dict(m) for n, m in self.mods.items()}
+        s.update({f"optim.{n}": o.state_dict() for n, o in self.opts.items()})
+        if self.ema is not None:
+            s["ema"] = {k: v.detach().cpu() for k, v in self.ema.items()}
+        return s
+
+    def load(self, s: dict):
+        for n, m in self.mods.items():
+            m.load_state_dict(s[f"model.{n}"])
+        for n, o in self.opts.items():
+            o.load_state_dict(s[f"optim.{n}"])
+        if self.ema is not None and "ema" in s:
+            for k, v in s["ema"].items():
+                self.ema[k].copy_(v)
+
+    def sample(self, step: int):
+        return None
+
+    def release_config(self) -> dict:
+        return to_dict(self.pcfg)
+
+
+# ------------------------------------------------------------------ autoencoder
+class AutoencoderStage(Stage):
+    def __init__(self, cfg, dist):
+        super().__init__(cfg, dist)
+        torch.manual_seed(cfg.seed)
+        self.data = load_frames(cfg.data)
+        self.n = self.data["frames"].shape[0] - HELD_OUT
+        ae = TinyAutoencoder(self.pcfg.model.in_channels, cfg.ae_width)
+        self.mods["ae"] = dist.prepare(ae)
+        self.opts["ae"] = adamw(self.mods["ae"].parameters(), cfg.optim)
+
+    def step(self, step):
+        ae, g = self.mods["ae"], self.gen(step)
+        idx = batch_indices(self.n, self.cfg.batch_size, step, self.cfg.seed, self.dist.rank)
+        video = to_video(self.data["frames"][idx]).to(self.device)                 # [B, T, 3, H, W]
+        with self.autocast():
+            z = ae.encode_raw(video)
+            zn = z + self.cfg.ae_latent_noise * z.detach().std() * self.randn(z.shape, g)
+            rec = ae.decode_raw(zn)
+            l1 = (rec.float() - video).abs().mean()
+            mse = (rec.float() - video).pow(2).mean()
+            loss = l1 + mse + 1e-4 * z.float().pow(2).mean()
+        gn = self.update("ae", loss, step, self.cfg.optim)
+        return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "grad_norm": gn}
+
+    @torch.no_grad()
+    def finalize(self):
+        ae = self.mods["ae"]
+        ae.set_latent_stats(to_video(self.data["frames"][: min(128, self.n)]).to(self.device))
+
+    @torch.no_grad()
+    def sample(self, step):
+        ae = self.mods["ae"].eval()
+        v = to_video(self.data["frames"][-1:]).to(self.device)
+        z = ae.encode(v)
+        st, outs = ae.init_state(1), []
+        for s in range(0, z.shape[1], 3):
+            f, st = ae.decode_chunk(z[:, s:s + 3], st)
+            outs.append(f)
+        ae.train()
+        rec = torch.cat(outs, 1)[0]
+        return _side_by_side(v[0], rec)
+
+    def export(self, out_dir):
+        self.finalize()
+        save_release(os.path.join(out_dir, "release.safetensors"), full_state_dict(self.mods["ae"]),
+                     {"kind": "tiny-ae", "latent_channels": self.pcfg.model.in_channels})
+
+
+def _side_by_side(a: torch.Tensor, b: torch.Tensor):
+    """two [T, 3, H, W] videos in [-1, 1] -> uint8 [T, H, 2W, 3]."""
+    x = torch.cat([a, b], dim=-1).clamp(-1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ------------------------------------------------------------------ DiT stages (latent data)
+class LatentStage(Stage):
+    def __init__(self, cfg, dist):
+        super().__init__(cfg, dist)
+        self.ae = load_autoencoder(cfg.autoencoder, self.pcfg.model.in_channels, self.device)
+        self.data = load_latents(cfg.data, self.pcfg, self.ae, cfg.autoencoder)
+        self.n = self.data["latents"].shape[0] - HELD_OUT
+        self.sampler = FewStepSampler(self.pcfg.sampler)
+        self.k = self.pcfg.sampler.chunk_frames
+
+    def batch(self, step, held_out: bool = False):
+        if held_out:
+            idx = torch.arange(self.n, self.n + min(self.cfg.batch_size, HELD_OUT))
+        else:
+            idx = batch_indices(self.n, self.cfg.batch_size, step, self.cfg.seed, self.dist.rank)
+        d = self.data
+        x0 = d["latents"][idx].to(self.device)
+        act = d["actions"][idx].to(self.device) if self.pcfg.model.actions.enabled else None
+        return x0, d["text"][idx].to(self.device), act
+
+    def uncond(self, text, act):
+        """What "uncond" drops for guidance: text (and actions)."""
+        a = act if (act is None or self.cfg.guidance_on == "text") else torch.zeros_like(act)
+        return torch.zeros_like(text), a
+
+    def teacher_x0(self, teacher, x_t, t, text, act, guidance):
+        """Teacher x0 with CFG: cond + g (cond - uncond)."""
+        with self.autocast():
+            cond = L.x0_from_flow(x_t, teacher(x_t, t, text, action=act).float(), t)
+            if guidance == 0:
+                return cond
+            ut, ua = self.uncond(text, act)
+            unc = L.x0_from_flow(x_t, teacher(x_t, t, ut, action=ua).float(), t)
+        return L.cfg_combine(cond, unc, guidance)
+
+    def mask_kw(self):
+        c = self.pcfg.cache
+        return dict(attn_mode="block_causal", chunk_frames=self.k, sink_frames=c.sink_frames,
+                    window_frames=c.window_frames)
+
+    @torch.no_grad()
+    def teacher_sample(self, teacher, noise, text, act, steps: int, guidance: float):
+        """Many-step Euler sampling of the bidirectional teacher (with CFG)."""
+        ts = L.ode_timesteps(steps, self.cfg.shift)
+        x = noise
+        B, Fr = x.shape[:2]
+        for a, b in zip(ts[:-1], ts[1:]):
+            t = torch.full((B, Fr), a, device=x.device)
+            x0 = self.teacher_x0(teacher, x, t, text, act, guidance)
+            v = L.flow_from_x0(x, x0, t)
+            x = L.euler_step(x, v, t, torch.full((B, Fr), b, device=x.device))
+        return x
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.ae.decode(z)[0]
+
+    def student_sample(self, model, g):
+        """The inference loop (streaming.rollout) on a held-out clip: GT | student."""
+        x0, text, act = self.batch(0, held_out=True)
+        x0, text, act = x0[:1], text[:1], None if act is None else act[:1]
+        was = model.training
+        model.eval()
+        cache = new_cache(self.pcfg, 1, self.device)
+        with torch.no_grad():
+            cache.cross_kv = model.cross_kv(text)
+            shape = (1, self.k) + x0.shape[2:]
+            z = inference_rollout(model, cache, self.sampler, self.randn(x0.shape, g),
+                                  lambda: self.randn(shape, g), act)
+        model.train(was)
+        return _side_by_side(self.decode(x0), self.decode(z))
+
+    def release_dit(self, out_dir, sd):
+        save_release(os.path.join(out_dir, "release.safetensors"), sd, self.release_config())
+
+
+class TeacherStage(LatentStage):
+    """Bidirectional DiT by flow matching with per-chunk timesteps and CFG dropout."""
+
+    def __init__(self, cfg, dist):
+        super().__init__(cfg, dist)
+        m = load_dit(self.pcfg, cfg.init if cfg.init not in ("", "teacher") else None, dist)
+        if self.ckpt_act:
+            enable_grad_checkpointing(m)
+        self.mods["dit"] = dist.prepare(m)
+        self.opts["dit"] = adamw(m.parameters(), cfg.optim)
+        self.init_ema(m)
+
+    def step(self, step):
+        m, g, c = self.mods["dit"], self.gen(step), self.cfg
+        x0, text, act = self.batch(step)
+        B, Fr = x0.shape[:2]
+        t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per=c.timestep_per,
+                               chunk_frames=self.k, generator=g).to(self.device)
+        eps = self.randn(x0.shape, g)
+        text, _ = L.cfg_dropout(text, c.text_dropout, g)
+        if act is not None:
+            act, _ = L.cfg_dropout(act, c.action_dropout, g)
+        with self.autocast():
+            v = m(L.noise_latents(x0, eps, t), t, text, action=act)
+            loss = L.flow_matching_loss(v, x0, eps)
+        gn = self.update("dit", loss, step, c.optim)
+        self.ema_step(m, step)
+        return {"loss": loss.item(), "grad_norm": gn}
+
+    def sample(self, step):
+        g = self.gen(step, salt=9)
+        x0, text, act = self.batch(0, held_out=True)
+        z = self.teacher_sample(_with_ema(self.mods["dit"], self.ema), self.randn(x0[:1].shape, g), text[:1],
+                                None if act is None else act[:1], steps=24, guidance=self.cfg.guidance)
+        return _side_by_side(self.decode(x0[:1]), self.decode(z))
+
+    def export(self, out_dir):
+        self.release_dit(out_dir, self.ema_state_dict(self.mods["dit"]))
+
+
+def _with_ema(model, ema):
+    """A copy of ``model`` carrying the EMA weights (for samples)."""
+    import copy
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, p in m.named_parameters():
+            p.copy_(ema[k])
+    return m.eval()
+
+
+class StudentStage(LatentStage):
+    """Common to the causal students: teacher (frozen), generator (+EMA)."""
+
+    def __init__(self, cfg, dist):
+        super().__init__(cfg, dist)
+        self.teacher = frozen(load_dit(self.pcfg, cfg.teacher, dist))
+        init = cfg.teacher if cfg.init in ("", "teacher") else cfg.init
+        gmod = load_dit(self.pcfg, init, dist)
+        if self.ckpt_act:
+            enable_grad_checkpointing(gmod)
+        self.mods["generator"] = dist.prepare(gmod)
+        self.opts["generator"] = adamw(gmod.parameters(), cfg.optim)
+        self.init_ema(gmod)
+        self.timesteps = self.sampler.timesteps                       # warped few-step list
+
+    def sample(self, step):
+        return self.student_sample(_with_ema(self.mods["generator"], self.ema), self.gen(step, salt=9))
+
+    def export(self, out_dir):
+        self.release_dit(out_dir, self.ema_state_dict(self.mods["generator"]))
+
+
+class OdeInitStage(StudentStage):
+    """Causal ODE regression on stored teacher trajectories (CausVid / Self-Forcing ode_init)."""
+
+    def __init__(self, cfg, dist):
+        super().__init__(cfg, dist)
+        self.traj = self._trajectories()
+
+    @torch.no_grad()
+    def _trajectories(self) -> dict:
+        path = os.path.join(self.cfg.out, f"trajectories-r{self.dist.rank}.pt")
+        if os.path.exists(path):
+            return torch.load(path, weights_only=True)
+        c, n = self.cfg, self.cfg.ode_samples
+        grid = sorted(set(L.ode_timesteps(c.ode_steps, c.shift)) | set(self.timesteps), reverse=True)
+        g = self.gen(-1, salt=3)
+        xs, finals, texts, acts = [], [], [], []
+        for s in range(0, n, 32):
+            idx = torch.randint(0, self.n, (min(32, n - s),), generator=g)
+            text = self.data["text"][idx].to(self.device)
+            act = self.data["actions"][idx].to(self.device) if self.pcfg.model.actions.enabled else None
+            x = self.randn((len(idx),) + tuple(self.data["latents"].shape[1:]), g)
+            B, Fr = x.shape[:2]
+            keep = []
+            for a, b in zip(grid[:-1], grid[1:]):
+                if a in self.timesteps:
+                    keep.append(x.cpu())
+                t = torch.full((B, Fr), a, device=x.device)
+                x0 = self.teacher_x0(self.teacher, x, t, text, act, c.guidance)
+                x = L.euler_step(x, L.flow_from_x0(x, x0, t), t, torch.full((B, Fr), b, device=x.device))
+            xs.append(torch.stack(keep, 1))                                 # [b, S, F, C, h, w]
+            finals.append(x.cpu())
+            texts.append(text.cpu())
+            acts.append(None if act is None else act.cpu())
+        out = {"x_t": torch.cat(xs), "x0": torch.cat(finals), "text": torch.cat(texts)}
+        if acts[0] is not None:
+            out["actions"] = torch.cat(acts)
+        os.makedirs(self.cfg.out, exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(out, tmp)
+        os.replace(tmp, path)
+        return out
+
+    def step(self, step):
+        m, g, c = self.mods["generator"], self.gen(step), self.cfg
+        tr = self.traj
+        idx = torch.randint(0, tr["x0"].shape[0], (c.batch_size,), generator=g)
+        x_all, target = tr["x_t"][idx].to(self.device), tr["x0"][idx].to(self.device)    # [B, S, F, ...]
+        B, S, Fr = x_all.shape[:3]
+        nchunk = -(-Fr // self.k)
+        which = torch.randint(0, S, (B, nchunk), generator=g).repeat_interleave(self.k, 1)[:, :Fr]   # [B, F]
+        x_t = torch.gather(x_all, 1, which.to(self.device)[:, None, :, None, None, None]
+                           .expand(B, 1, Fr, *x_all.shape[3:]))[:, 0]
+        ts = torch.tensor(self.timesteps, device=self.device)[which.to(self.device)]   # [B, F]
+        act = tr["actions"][idx].to(self.device) if "actions" in tr else None
+        with self.autocast():
+            v = m(x_t, ts, tr["text"][idx].to(self.device), action=act, **self.mask_kw())
+            loss = L.ode_regression_loss(L.x0_from_flow(x_t, v.float(), ts), target)
+        gn = self.update("generator", loss, step, c.optim)
+        self.ema_step(m, step)
+        return {"loss": loss.item(), "grad_norm": gn}
+
+
+class ConsistencyStage(StudentStage):
+    """Causal consistency distillation: one online teacher ODE step t_i -> t_{i+1}, no stored trajectories."""
+
+    def step(self, step):
+        m, g, c = self.mods["generator"], self.gen(step), self.cfg
+        x0, text, act = self.batch(step)
+        B, Fr = x0.shape[:2]
+        steps = self.timesteps + [0.0]
+        nchunk = -(-Fr // self.k)
+        i = torch.randint(0, len(self.timesteps), (B, nchunk), generator=g).repeat_interleave(self.k, 1)[:, :Fr]
+        t_a = torch.tensor(steps, device=self.device)[i.to(self.device)]
+        t_b = torch.tensor(steps, device=self.device)[(i + 1).to(self.device)]
+        x_a = L.noise_latents(x0, self.randn(x0.shape, g), t_a)
+        with torch.no_grad():
+            tx0 = self.teacher_x0(self.teacher, x_a, t_a, text, act, c.guidance)
+            x_b = L.euler_step(x_a, L.flow_from_x0(x_a, tx0, t_a), t_a, t_b)
+            ema = _with_ema(m, self.ema)
+            with self.autocast():
+                tgt = L.x0_from_flow(x_b, ema(x_b, t_b.clamp_min(1e-3), text, action=act, **self.mask_kw()).float(),
+                                     t_b)
+            last = (t_b == 0)[:, :, None, None, None]
+            tgt = torch.where(last, x_b, tgt)
+        with self.autocast():
+            pred = L.x0_from_flow(x_a, m(x_a, t_a, text, action=act, **self.mask_kw()).float(), t_a)
+            loss = L.ode_regression_loss(pred, tgt)
+        gn = self.update("generator", loss, step, c.optim)
+        self.ema_step(m, step)
+        return {"loss": loss.item(), "grad_norm": gn}
+
+
+class DMDStage(StudentStage):
+    """Self-forcing DMD (context "self"); with context "clean"/"noisy" the Teacher Forcing /
+    Diffusion Forcing baselines of the Self-Forcing paper (same objective, other context)."""
+
+    def __init__(self, cfg, dist):
+        super().__init__(cfg, dist)
+        critic = load_dit(self.pcfg, cfg.teacher, dist)
+        if self.ckpt_act:
+            enable_grad_checkpointing(critic)
+        self.mods["critic"] = dist.prepare(critic)
+        self.opts["critic"] = adamw(critic.parameters(), cfg.critic_optim)
+
+    def _rollout(self, x0_gt, text, act, g, grad: bool):
+        gm, c = self.mods["generator"], self.cfg
+        B, Fr = x0_gt.shape[:2]
+        exit_step = L.sample_exit_step(len(self.timesteps), g)
+        cache = new_cache(self.pcfg, B, self.device)
+        ctx_t = None
+        if c.context == "noisy":
+            ctx_t = L.sample_timesteps(B, -(-Fr // self.k), shift=c.shift, t_min=0.0, t_max=c.t_max,
+                                       per="frame", generator=g).to(self.device)
+        with torch.set_grad_enabled(grad), self.autocast():
+            cache.cross_kv = gm.cross_kv(text)
+            x = rollout(gm, cache, self.timesteps, self.randn(x0_gt.shape, g), lambda s: self.randn(s, g),
+                        exit_step, act, context=c.context, gt=x0_gt, context_t=ctx_t,
+                        context_noise=self.pcfg.sampler.context_noise, grad=grad)
+        return x.float(), exit_step
+
+    def step(self, step):
+        c, g = self.cfg, self.gen(step)
+        x0_gt, text, act = self.batch(step)
+        B, Fr = x0_gt.shape[:2]
+        out = {}
+        gen_step = step % c.gen_every == 0
+        x, exit_step = self._rollout(x0_gt, text, act, g, grad=gen_step)
+        if gen_step:
+            t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per="clip",
+                                   generator=g).to(self.device)
+            with torch.no_grad():
+                x_t = L.noise_latents(x.detach(), self.randn(x.shape, g), t)
+                with self.autocast():
+                    fake = L.x0_from_flow(x_t, self.mods["critic"](x_t, t, text, action=act).float(), t)
+                real = self.teacher_x0(self.teacher, x_t, t, text, act, c.guidance)
+                grad = L.dmd_gradient(x.detach(), fake, real)
+            loss = L.dmd_loss(x, grad)
+            out["dmd_loss"] = loss.item()
+            out["gen_grad_norm"] = self.update("generator", loss, step, c.optim)
+            self.ema_step(self.mods["generator"], step)
+        # critic: flow matching on the detached rollout, every step
+        t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per=c.timestep_per,
+                               chunk_frames=self.k, generator=g).to(self.device)
+        eps = self.randn(x.shape, g)
+        with self.autocast():
+            v = self.mods["critic"](L.noise_latents(x.detach(), eps, t), t, text, action=act)
+            closs = L.critic_loss(v, x.detach(), eps)
+        out["critic_loss"] = closs.item()
+        out["critic_grad_norm"] = self.update("critic", closs, step, c.critic_optim)
+        out["exit_step"] = exit_step
+        return out
+
+
+STAGE_CLASSES = {"autoencoder": AutoencoderStage, "teacher": TeacherStage, "ode_init": OdeInitStage,
+                 "consistency": ConsistencyStage, "dmd": DMDStage, "teacher_forcing": DMDStage,
+                 "diffusion_forcing": DMDStage}
+
+
+def build_stage(cfg: RunConfig, dist: Dist) -> Stage:
+    if cfg.stage == "teacher_forcing":
+        cfg = dataclasses.replace(cfg, context="clean")
+    elif cfg.stage == "diffusion_forcing":
+        cfg = dataclasses.replace(cfg, context="noisy")
+    return STAGE_CLASSES[cfg.stage](cfg, dist)
