@@ -86,6 +86,8 @@ class Stream:
         self.actions: collections.deque = collections.deque(maxlen=256)   # (chunk, action) applied
         self.shown_times: collections.deque = collections.deque(maxlen=64)
         self.last_pull = time.monotonic()
+        self.idle_released = False
+        self.tab_hash = tab.session_hash
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"streamgen-demo-{id(self):x}")
         self.thread.start()
 
@@ -121,6 +123,7 @@ class Stream:
                             break
                         except queue.Full:
                             if time.monotonic() - self.last_pull > self.app.idle_timeout:
+                                self.idle_released = True
                                 self.stop_evt.set()     # nobody is watching: free the session
                     if self.stop_evt.is_set():
                         break
@@ -131,6 +134,8 @@ class Stream:
         finally:
             self.session.close()
             self.done.set()
+            if self.idle_released:  # the tab is gone without an unload: drop it from the registry
+                self.app.forget_tab(self.tab_hash, self)
 
     def _record(self, frames: np.ndarray):
         self.recorded.append(frames)
@@ -442,6 +447,15 @@ class DemoApp:
             tab = self.tabs.pop(sh, None)
         if tab is not None:
             tab.close()
+
+    def forget_tab(self, session_hash: str | None, stream: "Stream"):
+        """Drop a tab whose stream was released by the idle watchdog (its page went away)."""
+        if not session_hash:
+            return
+        with self.tabs_lock:
+            tab = self.tabs.get(session_hash)
+            if tab is not None and tab.stream in (stream, None):
+                del self.tabs[session_hash]
 
     def on_state_deleted(self, tab):
         if isinstance(tab, TabState):

@@ -147,11 +147,16 @@ def test_idle_stream_is_freed(server):
     app = demo.streamgen_app
     tab = demo_mod.TabState()
     tab.space = app.info["action_space"]
+    tab.session_hash = "vanished-tab"
+    with app.tabs_lock:
+        app.tabs[tab.session_hash] = tab
     old, app.idle_timeout = app.idle_timeout, 0.5
     try:
         s = demo_mod.Stream(app, tab, "a dungeon", 0)
+        tab.stream = s
         assert wait_for(s.done.is_set, 15) and s.session.cache is None
-        assert s.frames_generated > 0
+        assert s.frames_generated > 0 and s.idle_released
+        assert wait_for(lambda: "vanished-tab" not in app.tabs, 5), "idle tab left in the registry"
     finally:
         app.idle_timeout = old
 

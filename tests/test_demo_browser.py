@@ -122,7 +122,8 @@ def chromium():
 @pytest.fixture(scope="module")
 def server():
     pipe, notice = demo_mod.load_pipeline("tiny-world", random_weights=True)
-    demo = demo_mod.build_demo(pipe, notice=notice)
+    # the idle watchdog is the backstop when gradio's unload is slow to arrive on a loaded machine
+    demo = demo_mod.build_demo(pipe, notice=notice, idle_timeout=20.0)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield demo, f"http://127.0.0.1:{port}/"
@@ -225,8 +226,9 @@ def test_browser_streams_keys_screenshot_and_close(server, browser):
         sh = tab.session_hash
         with urllib.request.urlopen(f"{browser}/json/close/{target_id}", timeout=10):
             pass
-        assert wait_for(lambda: sh not in app.tabs, 20), "closed tab's session was not freed"
-        assert wait_for(stream.done.is_set, 10) and stream.session.cache is None
+        t_close = time.monotonic()
+        assert wait_for(lambda: sh not in app.tabs, 60), "closed tab's session was not freed"
+        assert wait_for(stream.done.is_set, 30) and stream.session.cache is None
         assert app.active_streams() == 0
     finally:
         page.close()
