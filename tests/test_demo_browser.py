@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -134,19 +135,19 @@ def server():
 def browser(chromium):
     profile = tempfile.mkdtemp(prefix="sg-chromium-")
     proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         port_file = os.path.join(profile, "DevToolsActivePort")
         assert wait_for(lambda: os.path.exists(port_file) and open(port_file).read().strip(), 30), \
             "chromium did not start its DevTools endpoint"
         port = int(open(port_file).read().split()[0])
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
+    finally:   # chromium's helper processes too, before the profile is removed
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import tempfile
 import time
@@ -70,12 +71,12 @@ def test_browser_page_streams_and_sends_keys():
     pipe = Pipeline.from_pretrained("tiny-world", random_weights=True)
     app = create_app(pipe, max_sessions=2, pace=2.0)
     port = _free_port()
-    with ServerThread(app) as srv, tempfile.TemporaryDirectory() as prof:
+    with ServerThread(app) as srv, tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as prof:
         chrome = subprocess.Popen([CHROME, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
                                    "--disable-sync", f"--user-data-dir={prof}", f"--remote-debugging-port={port}",
                                    "--window-size=900,700", "about:blank"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             t0 = time.time()
             while True:
@@ -121,8 +122,11 @@ def test_browser_page_streams_and_sends_keys():
                                                 "scale": 1})
                     return json.loads(sent), last, reflected, shot["data"], colours
             sent, last, reflected, png, colours = asyncio.run(go())
-        finally:
-            chrome.kill()
+        finally:   # chromium's helper processes too, before the profile is removed
+            try:
+                os.killpg(chrome.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             chrome.wait()
     keysets = [tuple(a["keys"]) for a in sent]
     assert ("W",) in keysets and ("W", "D") in keysets, keysets
