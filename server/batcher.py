@@ -16,7 +16,6 @@ at the next chunk boundary). Steps are paced to real time (``pace=1``: one chunk
 from __future__ import annotations
 
 import collections
-import copy
 import itertools
 import logging
 import queue
@@ -270,20 +269,12 @@ class Batcher:
 
     def _view(self, a: int, b: int):
         """A StreamCache over rows a..b-1 of the shared cache; tensors are views (no copies)."""
-        c = self.cache
-        v = copy.copy(c)
-        v.batch = b - a
-        v.k, v.v = c.k[:, a:b], c.v[:, a:b]
-        for name in ("write_index", "key_valid", "q_pos", "k_pos"):
-            setattr(v, name, getattr(c, name)[a:b])
-        v.slot_frame = c.slot_frame[a:b]
-        v.next_frame = c.next_frame[a:b]
+        v = self.cache.rows(a, b)
         v.cross_kv = [(K[a:b], V[a:b]) for K, V in self.cross]
         return v
 
     def _sync(self, v, a: int, b: int):
-        self.cache.slot_frame[a:b] = v.slot_frame
-        self.cache.next_frame[a:b] = v.next_frame
+        self.cache.merge_rows(v, a)
 
     def _set_prompt(self, slot: StreamSlot, prompt: str):
         pipe, r = self.pipe, slot.row

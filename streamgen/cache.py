@@ -159,6 +159,29 @@ class StreamCache:
         sf = self.slot_frame[row]
         return sorted(f for s, f in enumerate(sf) if f >= 0 and not (self.S <= s < self.S + self.A))
 
+    def rows(self, a: int, b: int) -> "StreamCache":
+        """A cache over rows ``a..b-1``: its device tensors are views of this cache's (writes land
+        here, no copies); its host bookkeeping is its own. Call :meth:`merge_rows` after using it.
+        ``cross_kv`` is left for the caller to set."""
+        if not 0 <= a < b <= self.batch:
+            raise ValueError(f"rows {a}..{b - 1} outside a cache of {self.batch} rows")
+        v = object.__new__(StreamCache)
+        v.__dict__.update(self.__dict__)
+        v.batch = b - a
+        v.k, v.v = self.k[:, a:b], self.v[:, a:b]
+        for name in ("write_index", "key_valid", "q_pos", "k_pos"):
+            setattr(v, name, getattr(self, name)[a:b])
+        v.slot_frame = [list(sf) for sf in self.slot_frame[a:b]]
+        v.next_frame = list(self.next_frame[a:b])
+        v.cross_kv = None
+        return v
+
+    def merge_rows(self, view: "StreamCache", a: int):
+        """Take back the host bookkeeping of a :meth:`rows` view that starts at row ``a``."""
+        b = a + view.batch
+        self.slot_frame[a:b] = [list(sf) for sf in view.slot_frame]
+        self.next_frame[a:b] = list(view.next_frame)
+
     # ------------------------------------------------------------------ device side
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         """Store the chunk's k/v [B, n*T, H, D]; return the full buffers of this layer."""

@@ -335,7 +335,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                        cache=dict(sink_frames=3, window_frames=6, rope="relative",
                                   prompt_switch="recache")),
     "small-world": dict(model=MODEL_PRESETS["small-world"], height=64, width=64, temporal_stride=1,
-                        cache=dict(sink_frames=3, window_frames=9, rope="relative"),
+                        cache=dict(sink_frames=3, window_frames=6, rope="relative"),
                         vae="tiny-ae", text_encoder="minilm"),
 }
 

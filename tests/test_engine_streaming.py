@@ -125,3 +125,30 @@ def test_ema_sink_blends_evicted_frames():
     assert torch.allclose(sink, torch.full_like(sink, 0.75 * 1 + 0.25 * 2))
     ring = cache.k[0, 0, 2:4]
     assert torch.allclose(ring, torch.full_like(ring, 3.0))
+
+
+def test_row_views_stream_like_their_own_cache():
+    """A rows(a, b) view of a shared cache streams row by row exactly like a private cache,
+    writes land in the shared buffers, and other rows are untouched."""
+    model = make_model()
+    cfg = model.cfg
+    cc = CacheConfig(sink_frames=3, window_frames=6, rope="relative")
+    x, t, text = inputs(cfg, 12)
+    shared = StreamCache(cfg, cc, 3, 16, 3)
+    own = StreamCache(cfg, cc, 1, 16, 3)
+    with torch.no_grad():
+        own.cross_kv = model.cross_kv(text)
+        ref = stream(model, own, x, t, 3)
+        before = shared.k[:, [0, 2]].clone()
+        outs = []
+        for s in range(0, 12, 3):
+            view = shared.rows(1, 2)
+            view.cross_kv = own.cross_kv
+            view.begin_chunk(3)
+            outs.append(model(x[:, s:s + 3], t[:, s:s + 3], cache=view))
+            shared.merge_rows(view, 1)
+    assert (torch.cat(outs, 1) - ref).abs().max().item() <= 1e-6
+    assert torch.equal(shared.k[:, 1], own.k[:, 0]) and torch.equal(shared.k[:, [0, 2]], before)
+    assert shared.next_frame == [0, 12, 0] and shared.cached_frames(1) == own.cached_frames(0)
+    with pytest.raises(ValueError):
+        shared.rows(2, 4)

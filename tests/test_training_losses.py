@@ -111,3 +111,15 @@ def test_ema_update_hand_case():
     L.ema_update(ema, {"w": torch.tensor([5.0])}, 0.0)    # decay 0 copies
     assert ema["w"].item() == 5.0
     assert L.ema_decay_at(200, 0.99, 200) == 0.0 and L.ema_decay_at(201, 0.99, 200) == 0.99
+
+
+def test_lr_schedule_hand_computed():
+    from streamgen.training.losses import lr_at
+    # warmup 4 of 14 steps: 0.25, 0.5, 0.75, 1.0 x lr, then constant or cosine to 0.1 lr
+    assert [lr_at(s, 14, 2.0, 4) for s in range(4)] == [0.5, 1.0, 1.5, 2.0]
+    assert lr_at(9, 14, 2.0, 4) == 2.0
+    assert lr_at(4, 14, 2.0, 4, "cosine") == pytest.approx(2.0)
+    assert lr_at(4, 14, 2.0, 4, "cosine", 0.1) == pytest.approx(2.0)
+    assert lr_at(13, 14, 2.0, 4, "cosine", 0.1) == pytest.approx(0.2)
+    assert lr_at(13, 14, 2.0, 0, "cosine", 0.0) == pytest.approx(0.0)
+    assert lr_at(6, 13, 1.0, 0, "cosine", 0.0) == pytest.approx(0.5)   # p = 6/12

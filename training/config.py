@@ -47,10 +47,16 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup: int = 0
+    schedule: str = "constant"     # "constant" | "cosine" (to min_lr_ratio * lr at the last step)
+    min_lr_ratio: float = 0.1
 
     def validate(self):
         if self.lr <= 0 or len(self.betas) != 2 or self.grad_clip <= 0 or self.warmup < 0:
             raise ConfigError("optim: lr > 0, two betas, grad_clip > 0 and warmup >= 0 required")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass

@@ -6,6 +6,8 @@ Shapes: latents [B, F, C, H, W], timesteps t [B, F] in [0, 1000].
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..sampling import shift_sigma
@@ -136,3 +138,15 @@ def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], de
 def ema_decay_at(step: int, decay: float, start: int) -> float:
     """Self-Forcing: the EMA starts at ``start`` (a copy), then decays by ``decay`` per update."""
     return 0.0 if step <= start else decay
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int = 0, schedule: str = "constant",
+          min_ratio: float = 0.1) -> float:
+    """Learning rate for 0-based ``step`` of ``total``: linear warmup, then constant or cosine
+    decay from ``lr`` to ``min_ratio * lr`` at the last step."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup + 1:
+        return lr
+    p = min(1.0, (step - warmup) / (total - warmup - 1))
+    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))

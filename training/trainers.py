@@ -91,9 +91,9 @@ class Stage:
         loss.backward()
         self.dist.sync_grads(m)
         gn = torch.nn.utils.clip_grad_norm_(m.parameters(), oc.grad_clip)
-        scale = min(1.0, (step + 1) / oc.warmup) if oc.warmup else 1.0
+        lr = L.lr_at(step, self.cfg.steps, oc.lr, oc.warmup, oc.schedule, oc.min_lr_ratio)
         for group in opt.param_groups:
-            group["lr"] = oc.lr * scale
+            group["lr"] = lr
         opt.step()
         return float(gn)
 
