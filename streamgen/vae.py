@@ -153,6 +153,12 @@ def build_vae(kind: str, latent_channels: int, spatial_stride: int, temporal_str
                          temporal_stride=temporal_stride).to(device).eval()
     elif kind == "tiny-ae":
         from .autoencoder import TinyAutoencoder
+        if state_dict is None and path is not None:
+            from .checkpoint import read_weights
+            state_dict, _ = read_weights(path)
+        if state_dict is None and not random_weights:
+            raise ConfigError("vae 'tiny-ae' needs its trained weights: an autoencoder.safetensors next to the "
+                              "model file, vae_path=..., or random weights")
         ae = TinyAutoencoder.from_state(state_dict, latent_channels=latent_channels)
         return ae.to(device).eval()
     else:

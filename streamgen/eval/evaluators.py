@@ -1,7 +1,8 @@
 """The evaluators: three tiny torch nets trained on the world (no downloaded weights).
 
 * :class:`InverseDynamics`  two consecutive frames -> effective keys (W, A, S, D logits) and
-  turn class (left / none / right) of the action between them.
+  turn class (left / none / right) of the motion between them (:func:`effective_targets`:
+  the commanded action as the world carried it out, walls included).
 * :class:`VideoEncoder`     an 8-frame clip -> 32-d feature (World-FD space); trained with heads
   for theme, time of day, weather, "is this clip temporally shuffled" and the clip's mean motion.
 * :class:`ThemeClassifier`  one frame -> theme logits.
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
+from ..world.render import FORWARD, STRAFE, TURN_DEG
 
 ASSETS = Path(__file__).parent / "assets"
 EVAL_SIZE = 64
@@ -47,6 +49,25 @@ def action_targets(actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     dx = a[..., 4]
     turn = np.where(dx < -TURN_THRESHOLD, 0, np.where(dx > TURN_THRESHOLD, 2, 1)).astype(np.int64)
     return keys, turn
+
+
+def effective_targets(poses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World poses [..., N, 3] (x, y, yaw) -> the motion between consecutive frames as
+    effective keys [..., N-1, 4] (W, A, S, D) and turn class [..., N-1] (0 left, 1 none, 2 right).
+
+    This is the commanded action as the world carried it out: a key whose move a wall blocked
+    is not pressed here (the frames cannot show it). The displacement of frame i-1 -> i is read
+    in frame i's heading (the world turns first, then moves); a key counts when at least 30 %
+    of its full step happened."""
+    p = np.asarray(poses, np.float64)
+    d = p[..., 1:, :2] - p[..., :-1, :2]
+    c, s = np.cos(p[..., 1:, 2]), np.sin(p[..., 1:, 2])
+    fwd = d[..., 0] * c + d[..., 1] * s
+    side = -d[..., 0] * s + d[..., 1] * c
+    keys = np.stack([fwd > 0.3 * FORWARD, side < -0.3 * STRAFE, fwd < -0.3 * FORWARD, side > 0.3 * STRAFE], -1)
+    dyaw = np.degrees(np.angle(np.exp(1j * (p[..., 1:, 2] - p[..., :-1, 2])))) / TURN_DEG   # effective mouse dx
+    turn = np.where(dyaw < -TURN_THRESHOLD, 0, np.where(dyaw > TURN_THRESHOLD, 2, 1)).astype(np.int64)
+    return keys.astype(np.float32), turn
 
 
 class InverseDynamics(nn.Module):

@@ -14,8 +14,9 @@ frame (so a chunked generator is compared with what its own actions should have 
 All frames are centre-cropped and resized to 64x64 before measurement.
 
 Metrics (each reported for the model and, measured identically, for ground truth):
-  action_following  inverse-dynamics agreement with the commanded actions (0 chance, 1 perfect)
-                    on random-action rollouts; ``ratio`` = model / ground truth.
+  action_following  inverse-dynamics agreement with the commanded actions as the world carried
+                    them out (keys whose move a wall blocked count as released; 0 chance,
+                    1 perfect) on random-action rollouts; ``ratio`` = model / ground truth.
   world_fd          Fréchet distance of video-encoder features (8-frame windows, stride 4) of the
                     action and revisit rollouts vs their ground truth (paired: ground truth scores 0);
                     ``other_seeds`` = ground truth vs ground truth of other seeds, i.e. the FD
@@ -37,12 +38,12 @@ import numpy as np
 import torch
 
 from ..world.data import resize_frames
-from ..world.episodes import TRANSITION, WorldSession, encode, scene_for
+from ..world.episodes import TRANSITION, WorldSession, scene_for
 from ..world.policies import FORWARD, act, free_run, human_policy, random_policy, revisit_script
 from ..world.render import World
 from ..world.scene import THEMES, Look, caption
 from . import metrics as M
-from .evaluators import EVAL_SIZE, Evaluators, action_targets
+from .evaluators import EVAL_SIZE, Evaluators, effective_targets
 
 ALL_METRICS = ("action", "fd", "revisit", "drift", "switch")
 
@@ -181,12 +182,6 @@ def revisit_seeds(start: int, n: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- metrics
-def _agreement(idm, frames, executed) -> dict:
-    keys, turn = action_targets(encode(executed)[1:])
-    pk, pt = idm.predict(frames)
-    return M.action_agreement(pk, pt, keys, turn)
-
-
 def _action_following(R, ev, S, feats) -> dict:
     gen_all, gt_all, ex_all = [], [], []
     for r in range(S.rollouts):
@@ -199,11 +194,13 @@ def _action_following(R, ev, S, feats) -> dict:
         ex_all.append(ex)
         feats["gen"].append(ev.encoder.features(g))
         feats["gt"].append(ev.encoder.features(t))
-    # agreement over all consecutive pairs of all rollouts (pairs never straddle rollouts)
+    # agreement over all consecutive pairs of all rollouts (pairs never straddle rollouts), with
+    # the commanded actions as the world carried them out (a move into a wall shows no motion)
+    targets = [effective_targets(World(S.seed + r).poses(ex)) for r, ex in enumerate(ex_all)]
+
     def agree(frames_list):
         pk, pt, tk, tt = [], [], [], []
-        for f, ex in zip(frames_list, ex_all):
-            k, t = action_targets(encode(ex)[1:])
+        for f, (k, t) in zip(frames_list, targets):
             a, b = ev.idm.predict(f)
             pk.append(a), pt.append(b), tk.append(k), tt.append(t)
         return M.action_agreement(np.concatenate(pk), np.concatenate(pt), np.concatenate(tk), np.concatenate(tt))

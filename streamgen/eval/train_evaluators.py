@@ -1,4 +1,4 @@
-"""python -m streamgen.eval.train_evaluators [--out streamgen/eval/assets] [--train-clips 480] [--epochs 6]
+"""python -m streamgen.eval.train_evaluators [--out streamgen/eval/assets] [--train-clips 1500] [--epochs 12]
 
 Trains the three evaluator nets of :mod:`streamgen.eval.evaluators` on world clips (seeds
 0..N-1, half random-policy and half human-policy, 16 frames at 64x64), measures them on
@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from ..world.episodes import generate_clip
 from ..world.scene import TIMES, WEATHERS
 from .metrics import action_agreement
-from .evaluators import ASSETS, CLIP, InverseDynamics, ThemeClassifier, VideoEncoder, action_targets, save, to_input
+from .evaluators import ASSETS, CLIP, InverseDynamics, ThemeClassifier, VideoEncoder, effective_targets, save, to_input
 
 
 def make_data(seeds, frames: int = 16) -> dict:
     clips = [generate_clip(int(s), frames, 64, "random" if i % 2 == 0 else "human") for i, s in enumerate(seeds)]
     return {"frames": np.stack([c["frames"] for c in clips]),                  # [C, T, 64, 64, 3] uint8
             "actions": np.stack([c["actions"] for c in clips]),                # [C, T, 6]
+            "pose": np.stack([c["pose"] for c in clips]),                      # [C, T, 3]
             "theme": np.array([c["look"].theme_id for c in clips]),
             "time": np.array([TIMES.index(c["look"].time) for c in clips]),
             "weather": np.array([WEATHERS.index(c["look"].weather) for c in clips])}
@@ -49,9 +50,10 @@ def _windows(data: dict):
     return idx
 
 
-def _motion(actions: np.ndarray) -> np.ndarray:
-    """actions [..., 8, 6] -> mean effective keys of frames 1..7 (4), mean dx, mean |dx| -> [..., 6]"""
-    keys, _ = action_targets(actions[..., 1:, :])
+def _motion(actions: np.ndarray, poses: np.ndarray) -> np.ndarray:
+    """actions [..., 8, 6], poses [..., 8, 3] -> mean effective keys of frames 1..7 (4), mean dx,
+    mean |dx| -> [..., 6]"""
+    keys, _ = effective_targets(poses)
     dx = actions[..., 1:, 4]
     return np.concatenate([keys.mean(-2), dx.mean(-1, keepdims=True), np.abs(dx).mean(-1, keepdims=True)], -1)
 
@@ -60,6 +62,7 @@ def encoder_batch(data, idx, g: torch.Generator, rng: np.random.Generator):
     """-> clips [B, 8, 3, 32, 32], targets dict."""
     clips = np.stack([data["frames"][c, s:s + CLIP] for c, s in idx])
     acts = np.stack([data["actions"][c, s:s + CLIP] for c, s in idx])
+    poses = np.stack([data["pose"][c, s:s + CLIP] for c, s in idx])
     order = rng.random(len(idx)) < 0.5
     for i in np.nonzero(order)[0]:
         perm = rng.permutation(CLIP)
@@ -68,7 +71,7 @@ def encoder_batch(data, idx, g: torch.Generator, rng: np.random.Generator):
         clips[i] = clips[i][perm]
     cs = np.array([c for c, _ in idx])
     tg = {"theme": data["theme"][cs], "time": data["time"][cs], "weather": data["weather"][cs],
-          "order": order.astype(np.int64), "motion": _motion(acts).astype(np.float32)}
+          "order": order.astype(np.int64), "motion": _motion(acts, poses).astype(np.float32)}
     return to_input(clips), {k: torch.as_tensor(v) for k, v in tg.items()}
 
 
@@ -91,7 +94,7 @@ def train(args) -> dict:
 
     def pairs(d):
         x = to_input(d["frames"])                                   # [C, T, 3, 32, 32]
-        keys, turn = action_targets(d["actions"][:, 1:])            # action i moves frame i-1 -> i
+        keys, turn = effective_targets(d["pose"])                   # motion of frame i-1 -> i
         return x[:, :-1].reshape(-1, 3, 32, 32), x[:, 1:].reshape(-1, 3, 32, 32), \
             torch.as_tensor(keys.reshape(-1, 4)), torch.as_tensor(turn.reshape(-1))
 
@@ -185,9 +188,9 @@ def train(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m streamgen.eval.train_evaluators")
     p.add_argument("--out", default=str(ASSETS))
-    p.add_argument("--train-clips", type=int, default=480)
+    p.add_argument("--train-clips", type=int, default=1500)
     p.add_argument("--test-clips", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=10, help="IDM / theme epochs (encoder: 2x)")
+    p.add_argument("--epochs", type=int, default=12, help="IDM / theme epochs (encoder: 2x)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     print(json.dumps(train(args), indent=1))
