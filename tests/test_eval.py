@@ -106,3 +106,19 @@ def test_eval_cli_errors(argv, capsys, tmp_path, monkeypatch):
     assert eval_main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error:") and "Traceback" not in "\n".join(err)
+
+
+def test_effective_targets_hand_computed():
+    """Poses -> the motion the frames show: forward / strafe in the new heading, blocked = nothing."""
+    from streamgen.eval.evaluators import effective_targets
+    r = np.radians(7.5)
+    poses = np.array([[1.0, 1.0, 0.0],
+                      [1.1, 1.0, 0.0],          # +x at yaw 0: forward (W)
+                      [1.1, 1.07, 0.0],         # +y at yaw 0: the right-hand side (D)
+                      [1.1, 1.07, 0.0],         # blocked by a wall: no key
+                      [1.1, 1.07, r],           # yaw +7.5 deg = mouse dx 1: turn right
+                      [1.1, 1.07, 0.0],         # and back: turn left
+                      [1.1 - 0.1 * np.cos(0.0), 1.07, 0.0]])   # backwards (S)
+    keys, turn = effective_targets(poses)
+    assert keys.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]]
+    assert turn.tolist() == [1, 1, 1, 2, 0, 1]
