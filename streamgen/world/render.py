@@ -209,13 +209,39 @@ def _geometry(h: int, w: int):
     return _GEOM[key]
 
 
+_PALETTE: dict[tuple, np.ndarray] = {}
+
+
+def _palette(theme: str, time: str, h: int) -> np.ndarray:
+    """The theme's flat atlas, then one sky colour per screen row, tinted by the time of day
+    -> float32 [5*TEX*TEX + H, 3]; sky pixels index the rows after the atlas."""
+    key = (theme, time, h)
+    if key not in _PALETTE:
+        A = _assets(theme)
+        tint = np.asarray(TIME_LIGHT[time][1], np.float32)
+        rows = np.zeros((h, 3), np.float32)
+        if A["sky"] is not None:
+            top, hor = (np.asarray(c, np.float32) for c in A["sky"])
+            yy = np.arange(h) + 0.5 - h / 2.0
+            g = np.clip((yy + h / 2.0) / (h / 2.0), 0, 1)[:, None].astype(np.float32)   # [H, 1]
+            rows = top[None] * (1 - g) + hor[None] * g                                  # [H, 3]
+        _PALETTE[key] = np.concatenate([A["flat"].astype(np.float32), rows]) * tint
+    return _PALETTE[key]
+
+
 def render(world: World, poses, times, look: Look, size: int | tuple[int, int] = 64) -> np.ndarray:
-    """poses [N, 3] (x, y, yaw), times [N] frame indices -> uint8 frames [N, H, W, 3]."""
+    """poses [N, 3] (x, y, yaw), times [N] frame indices -> uint8 frames [N, H, W, 3].
+
+    Rays are cast per column in float64; the per-pixel work runs in float32 with one palette
+    gather (walls, floor, ceiling and sky), sprites written through their masks, and lighting
+    and fog folded into one scale and one additive term per pixel."""
     h, w = (size, size) if isinstance(size, int) else size
+    f32 = np.float32
     poses = np.asarray(poses, np.float64).reshape(-1, 3)
     times = np.asarray(times, np.float64).reshape(-1)
     n = poses.shape[0]
     A = _assets(look.theme)
+    pal = _palette(look.theme, look.time, h)
     cam, yy, row_dist = _geometry(h, w)
     px, py, yaw = poses[:, 0:1], poses[:, 1:2], poses[:, 2:3]               # [N, 1]
     cx, cy = np.cos(yaw), np.sin(yaw)
@@ -223,36 +249,34 @@ def render(world: World, poses, times, look: Look, size: int | tuple[int, int] =
     perp, side, mat, u = _cast(world.grid, np.broadcast_to(px, (n, w)).ravel(),
                                np.broadcast_to(py, (n, w)).ravel(), rdx.ravel(), rdy.ravel())
     perp, side, mat, u = (a.reshape(n, w) for a in (perp, side, mat, u))
-    # --- per-pixel material index into the flat atlas and depth ---------------------------
-    ayy = np.abs(yy)[None, :, None]                                          # [1, H, 1]
-    wall = ayy * perp[:, None, :] < h / 2.0                                  # [N, H, W]
-    v = (yy[None, :, None] / (h / perp[:, None, :]) + 0.5)                   # [N, H, W]
-    tv_w = np.clip((v * TEX).astype(np.int32), 0, TEX - 1)
+    # --- palette index and depth per pixel -------------------------------------------------
+    yy32, rd32 = yy.astype(f32), row_dist.astype(f32)
+    perp32 = perp.astype(f32)
+    wall = (np.abs(yy32)[None, :, None] * perp32[:, None, :]) < f32(h / 2.0)   # [N, H, W]
+    tv_w = np.clip(((yy32[None, :, None] / (f32(h) / perp32[:, None, :]) + f32(0.5)) * TEX).astype(np.int32),
+                   0, TEX - 1)
     tu_w = np.clip((u * TEX).astype(np.int32), 0, TEX - 1)[:, None, :]
-    rd = row_dist[None, :, None]                                             # [1, H, 1]
-    fx = (px[:, :, None] + rd * rdx[:, None, :]).astype(np.float32)          # [N, H, W]
-    fy = (py[:, :, None] + rd * rdy[:, None, :]).astype(np.float32)
+    fx = px.astype(f32)[:, :, None] + rd32[None, :, None] * rdx.astype(f32)[:, None, :]   # [N, H, W]
+    fy = py.astype(f32)[:, :, None] + rd32[None, :, None] * rdy.astype(f32)[:, None, :]
     tu_f = ((fx - np.floor(fx)) * TEX).astype(np.int32)
     tv_f = ((fy - np.floor(fy)) * TEX).astype(np.int32)
     below = (yy > 0)[None, :, None]
-    fmat = np.where(below, 3, 4)
-    idx = np.where(wall, ((mat[:, None, :].astype(np.int32) - 1) * TEX + tv_w) * TEX + tu_w,
-                   (fmat * TEX + tv_f) * TEX + tu_f)
-    color = A["flat"][idx]                                                    # [N, H, W, 3]
-    depth = np.where(wall, perp[:, None, :], rd).astype(np.float32)          # [N, H, W]
-    sky = (~wall) & ~below
-    if A["sky"] is not None:
-        top, hor = A["sky"]
-        g = np.clip((yy + h / 2.0) / (h / 2.0), 0, 1)[:, None].astype(np.float32)  # [H, 1]
-        sky_rows = top[None] * (1 - g) + hor[None] * g                        # [H, 3]
-        color = np.where(sky[..., None], sky_rows[None, :, None, :], color)
-        depth = np.where(sky, 60.0, depth)
-    shade = np.where(wall & (side[:, None, :] == 1), 0.72, 1.0).astype(np.float32)
+    has_sky = A["sky"] is not None
+    sky = ~wall & ~below if has_sky else None
+    flat_idx = (np.where(below, 3, 4) * TEX + tv_f) * TEX + tu_f
+    if has_sky:
+        flat_idx = np.where(sky, 5 * TEX * TEX + np.arange(h)[None, :, None], flat_idx)
+    idx = np.where(wall, ((mat[:, None, :].astype(np.int32) - 1) * TEX + tv_w) * TEX + tu_w, flat_idx)
+    color = pal[idx]                                                          # [N, H, W, 3] tinted
+    depth = np.where(wall, perp32[:, None, :], rd32[None, :, None])           # [N, H, W]
+    if has_sky:
+        depth[sky] = 60.0
     emissive = np.zeros(depth.shape, bool)
     # --- sprites (lanterns): depth-tested discs, emissive ---------------------------------
     plane = math.tan(math.radians(FOV_DEG) / 2)
-    xs = np.arange(w, dtype=np.float32)[None, None, :]
-    ys = np.arange(h, dtype=np.float32)[None, :, None]
+    xs = np.arange(w, dtype=f32)[None, None, :]
+    ys = np.arange(h, dtype=f32)[None, :, None]
+    glow_rgb = np.asarray(A["sprite"], f32) * np.asarray(TIME_LIGHT[look.time][1], f32)
     for sp in world.sprites:
         pos = sp.position(times)                                              # [N, 3]
         rx, ry = pos[:, 0] - poses[:, 0], pos[:, 1] - poses[:, 1]
@@ -262,31 +286,38 @@ def render(world: World, poses, times, look: Look, size: int | tuple[int, int] =
         if not ok.any():
             continue
         dep_s = np.where(ok, dep, 1.0)
-        scx = (w / 2.0) * (1 + lat / dep_s) - 0.5                             # [N] screen centre x
-        scy = h / 2.0 - 0.5 + (h / dep_s) * (-pos[:, 2])                     # [N] screen centre y
-        rad_x = ((w / 2.0) / plane * _SPRITE_RADIUS / dep_s)[:, None, None]  # [N, 1, 1] pixels
-        rad_y = (h * _SPRITE_RADIUS / dep_s)[:, None, None]
+        scx = ((w / 2.0) * (1 + lat / dep_s) - 0.5).astype(f32)               # [N] screen centre x
+        scy = (h / 2.0 - 0.5 + (h / dep_s) * (-pos[:, 2])).astype(f32)        # [N] screen centre y
+        rad_x = ((w / 2.0) / plane * _SPRITE_RADIUS / dep_s).astype(f32)[:, None, None]   # [N, 1, 1] px
+        rad_y = (h * _SPRITE_RADIUS / dep_s).astype(f32)[:, None, None]
         d2 = ((xs - scx[:, None, None]) / rad_x) ** 2 + ((ys - scy[:, None, None]) / rad_y) ** 2
-        m = (d2 < 1.0) & ok[:, None, None] & (dep_s[:, None, None] < depth)
+        d32 = np.where(ok, dep_s, np.inf).astype(f32)[:, None, None]
+        m = (d2 < 1.0) & (d32 < depth)
         if m.any():
-            glow = (1.15 - 0.6 * d2)[..., None] * A["sprite"][None, None, None]
-            color = np.where(m[..., None], glow.astype(np.float32), color)
-            depth = np.where(m, dep_s[:, None, None].astype(np.float32), depth)
+            color[m] = (f32(1.15) - f32(0.6) * d2[m])[:, None] * glow_rgb[None]
+            depth[m] = np.broadcast_to(d32, depth.shape)[m]
             emissive |= m
-    # --- lighting and fog -------------------------------------------------------------------
+    # --- lighting and fog: color * scale + fog_colour * (1 - f) ------------------------------
     level, tint, k = TIME_LIGHT[look.time]
-    light = level / (1.0 + k * depth * depth)                                 # [N, H, W]
-    if A["sky"] is not None and look.time == "night":
-        color = np.where(sky[..., None], color * 0.25, color)
-    light = np.where(sky, max(level, 0.6), light)
-    light = np.where(emissive, 1.0, light * shade)
-    color = color * light[..., None] * np.asarray(tint, np.float32)
+    scale = f32(level) / (f32(1.0) + f32(k) * depth * depth) if k else np.full(depth.shape, f32(level))
+    scale[wall & (side[:, None, :] == 1)] *= f32(0.72)
+    # everything above the horizon that is not wall (sky, or the ceiling) is lit flat
+    scale[~wall & ~below] = max(level, 0.6) * (0.25 if has_sky and look.time == "night" else 1.0)
+    scale[emissive] = 1.0
     dens = WEATHER_FOG[look.weather] + (0.04 if look.time == "night" else 0.0)
     if dens > 0:
-        fog = A["fog"] * (0.35 if look.time == "night" else 1.0) * np.asarray(tint, np.float32)
-        f = np.exp(-dens * depth)[..., None]
-        color = color * f + fog * (1.0 - f)
-    return (np.clip(color, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        f = np.exp(f32(-dens) * depth)                                        # [N, H, W]
+        scale *= f
+        fog = (np.asarray(A["fog"], f32) * f32(0.35 if look.time == "night" else 1.0)
+               * np.asarray(tint, f32))
+        color *= scale[..., None]
+        color += (f32(1.0) - f)[..., None] * fog
+    else:
+        color *= scale[..., None]
+    np.clip(color, 0.0, 1.0, out=color)
+    color *= f32(255.0)
+    color += f32(0.5)
+    return color.astype(np.uint8)
 
 
 def render_mix(world: World, poses, times, look_a: Look, look_b: Look, mix, size=64) -> np.ndarray:
