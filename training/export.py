@@ -43,30 +43,34 @@ def export(run: str, student: str = "dmd", dest: str = DEST, gif: str = "sample.
 
 def write_sample(model: str, path: str, seconds: float = 4.0, seed: int = 0,
                  prompt: str = "A first-person walk through a brick dungeon at sunset, clear visibility."):
-    """A short streamed clip (walk forward, turn, walk) as a GIF with the ground-truth world beside it."""
+    """A short streamed clip (walk forward, turn, walk) as a GIF: the model on the left, the
+    ground-truth world under the same prompt and actions on the right (the model invents its
+    own layout, so the right panel shows the look and the motion to expect, not the same place)."""
+    from ..world.episodes import WorldSession
     from .logging import save_video
     pipe = load_release(model)
     s = pipe.session(prompt, seed=seed)
-    frames = []
+    world = WorldSession(prompt, seed, size=pipe.config.width)
+    frames, truth = [], []
     n_chunks = max(1, int(seconds * pipe.config.fps / pipe.config.sampler.chunk_frames))
     for i in range(n_chunks):
         act = {"keys": ["W"], "mouse": [0.3 if (i // 4) % 2 else 0.0, 0.0]}
-        frames.append(s.step(act))
-    video = np.concatenate(frames)
-    big = video.repeat(2, axis=1).repeat(2, axis=2)                 # 128x128 for viewing
+        out = s.step(act)
+        frames.append(out)
+        truth += [world.step(act) for _ in range(out.shape[0])]
+    video = np.concatenate(frames)                                   # [N, H, W, 3]
+    gt = np.concatenate(truth)
+    gap = np.full((video.shape[0], video.shape[1], 2, 3), 255, np.uint8)
+    pair = np.concatenate([video, gap, gt], axis=2)
+    big = pair.repeat(2, axis=1).repeat(2, axis=2)                   # 2x for viewing
     save_video(path, big, fps=pipe.config.fps)
     return path
 
 
 def load_release(folder: str, steps: int | None = None):
-    """Pipeline of an exported release folder. ``Pipeline.from_pretrained(dir)`` skips the folder's
-    autoencoder.safetensors when model.safetensors carries its config, so the trained one is set here."""
-    from ..autoencoder import TinyAutoencoder
+    """Pipeline of an exported release folder (its autoencoder.safetensors included)."""
     from ..pipeline import Pipeline
-    pipe = Pipeline.from_pretrained(folder, steps=steps)
-    ae_sd, _ = read_weights(os.path.join(folder, "autoencoder.safetensors"))
-    pipe.vae = TinyAutoencoder.from_state(ae_sd, pipe.config.model.out_channels).to(pipe.device).eval()
-    return pipe
+    return Pipeline.from_pretrained(folder, steps=steps)
 
 
 def main(argv=None) -> int:
