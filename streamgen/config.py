@@ -99,6 +99,10 @@ class ModelConfig:
     rope_max_pos: int = 1024  # rows of each RoPE table (Wan: 1024)
     rope_theta: float = 10000.0
     actions: ActionSpace = field(default_factory=ActionSpace)
+    # "none" (Wan: position only through 3D RoPE) | "learned": absolute (row, col) embeddings
+    # added after the patch embedding, so a small model knows where in the frame a token is
+    pos_embed: str = "none"
+    pos_grid: int = 32        # rows of each learned position table (max patch rows / cols)
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -113,6 +117,10 @@ class ModelConfig:
                 raise ConfigError(f"model {name} must be > 0")
         if self.freq_dim % 2:
             raise ConfigError("freq_dim must be even")
+        if self.pos_embed not in ("none", "learned"):
+            raise ConfigError(f"pos_embed must be 'none' or 'learned', got {self.pos_embed!r}")
+        if self.pos_grid <= 0:
+            raise ConfigError("pos_grid must be > 0")
 
     @property
     def head_dim(self) -> int:
@@ -167,7 +175,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The size of the shipped default world model (64x64 video, 8x8x8 latents).
     "small-world": dict(dim=128, ffn_dim=384, num_heads=2, num_layers=4, in_channels=8,
                         out_channels=8, text_dim=384, freq_dim=64, text_len=16,
-                        actions=dict(keys=WASD, mouse=True)),
+                        actions=dict(keys=WASD, mouse=True), pos_embed="learned", pos_grid=16),
 }
 
 

@@ -204,4 +204,6 @@ def infer_model_config(sd: dict[str, torch.Tensor], head_dim: int = 128) -> dict
                freq_dim=shape("time_embedding.0.weight")[1], patch_size=tuple(patch),
                qk_norm="blocks.0.self_attn.norm_q.weight" in sd, cross_attn_norm="blocks.0.norm3.weight" in sd)
     cfg["num_heads"] = max(1, dim // head_dim) if dim % head_dim == 0 else 1
+    if "pos_embedding_h" in sd:                                 # streamgen's small models
+        cfg.update(pos_embed="learned", pos_grid=shape("pos_embedding_h")[0])
     return cfg

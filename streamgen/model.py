@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .attention import attention, frame_mask, stream_attention
 from .config import ModelConfig
+from .errors import ConfigError
 from .rope import RopeTables, apply_rope
 
 
@@ -162,6 +163,11 @@ class WanDiT(nn.Module):
             self.action_embedding = nn.Sequential(nn.Linear(cfg.actions.dim, d), nn.SiLU(), nn.Linear(d, d))
             nn.init.zeros_(self.action_embedding[2].weight)
             nn.init.zeros_(self.action_embedding[2].bias)
+        if cfg.pos_embed == "learned":
+            self.pos_embedding_h = nn.Parameter(torch.zeros(cfg.pos_grid, d))   # [rows, dim]
+            self.pos_embedding_w = nn.Parameter(torch.zeros(cfg.pos_grid, d))   # [cols, dim]
+            nn.init.normal_(self.pos_embedding_h, std=0.02)
+            nn.init.normal_(self.pos_embedding_w, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.head = Head(cfg)
         self.rope = RopeTables(cfg)
@@ -190,6 +196,12 @@ class WanDiT(nn.Module):
         # x [B, F, C, H, W] -> tokens [B, F*h*w, dim], grid (F, h, w)
         y = self.patch_embedding(x.transpose(1, 2))                          # [B, dim, F', h, w]
         grid = y.shape[2:]
+        if self.cfg.pos_embed == "learned":
+            h, w = grid[1], grid[2]
+            if max(h, w) > self.cfg.pos_grid:
+                raise ConfigError(f"a {h}x{w} patch grid exceeds pos_grid {self.cfg.pos_grid}")
+            pos = self.pos_embedding_h[:h, None, :] + self.pos_embedding_w[None, :w, :]   # [h, w, dim]
+            y = y + pos.permute(2, 0, 1)[None, :, None].to(y.dtype)                     # [1, dim, 1, h, w]
         return y.flatten(2).transpose(1, 2), grid
 
     def _unpatchify(self, y, grid):
