@@ -117,6 +117,10 @@ class ModelConfig:
                 raise ConfigError(f"model {name} must be > 0")
         if self.freq_dim % 2:
             raise ConfigError("freq_dim must be even")
+        for name in ("eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"model {name} must be a positive number, got {v!r}")
         if self.pos_embed not in ("none", "learned"):
             raise ConfigError(f"pos_embed must be 'none' or 'learned', got {self.pos_embed!r}")
         if self.pos_grid <= 0:

@@ -168,3 +168,16 @@ def test_smoke_every_stage(tmp_path):
     pipe = load_release(str(tmp_path / "release"))
     frames = pipe.session("a brick dungeon", seed=0).step({"keys": ["W"]})
     assert frames.shape == (3, 64, 64, 3) and (tmp_path / "release" / "sample.gif").exists()
+
+
+def test_yaml_reads_scientific_floats_and_model_rejects_strings(tmp_path):
+    """PyYAML alone reads `1e-4` as a string; run configs and --set values must not."""
+    from streamgen.config import ModelConfig
+    from streamgen.errors import ConfigError
+    from streamgen.training.config import load_run_config, yaml_load
+    assert yaml_load("a: 1e-4\nb: -2E+3\nc: 1e3x\nd: 7") == {"a": 1e-4, "b": -2000.0, "c": "1e3x", "d": 7}
+    p = tmp_path / "run.yaml"
+    p.write_text("stage: teacher\npipeline: tiny-world\noptim: {lr: 3e-4, warmup: 0}\n")
+    assert load_run_config(str(p)).optim.lr == 3e-4
+    with pytest.raises(ConfigError, match="eps"):
+        ModelConfig(eps="1e-06")

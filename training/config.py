@@ -8,6 +8,7 @@ teacher_forcing | diffusion_forcing). Paths are relative to the working director
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -15,6 +16,20 @@ import yaml
 
 from ..config import PIPELINE_PRESETS, PipelineConfig, to_dict
 from ..errors import ConfigError
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` / ``2E+3`` as floats (YAML 1.1 wants a dot: ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def yaml_load(text_or_stream):
+    """YAML (safe) with scientific-notation floats: training configs and ``--set`` values."""
+    return yaml.load(text_or_stream, Loader=_YamlLoader)
+
 
 STAGES = ("autoencoder", "teacher", "ode_init", "consistency", "dmd", "teacher_forcing", "diffusion_forcing")
 
@@ -178,7 +193,7 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
 def load_run_config(path: str, overrides: dict | None = None) -> RunConfig:
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
     return run_config_from_dict(data, overrides)

@@ -21,7 +21,7 @@ import yaml
 
 from ..errors import ConfigError
 from .checkpointing import latest, load_checkpoint, save_checkpoint
-from .config import load_run_config
+from .config import load_run_config, yaml_load
 from .distributed import Dist
 from .logging import RunLogger, plot_losses, save_video
 
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             print(f"error: --set expects KEY=VALUE, got {kv!r}", file=sys.stderr)
             return 2
         k, v = kv.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
+        overrides[k] = yaml_load(v)
     if args.max_steps is not None:
         overrides["steps"] = args.max_steps
     try:
