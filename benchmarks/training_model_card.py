@@ -1,4 +1,4 @@
-"""python benchmarks/training_model_card.py --eval runs/default/eval [--names gt,teacher,student4,student2,student1]
+"""python benchmarks/training_model_card.py --eval runs/eval-v2,runs/eval-v1 [--names gt,teacher,student4,student2,student1]
 
 Prints a markdown table of evaluation-suite reports (benchmarks/training_eval.py output) for the
 model card: action following, World-FD, revisit similarity, drift, prompt switch and speed.
@@ -32,13 +32,19 @@ def row(name: str, r: dict) -> str:
 
 
 def table(folder: str, names: list[str]) -> str:
-    out = ["| generator | action following (ratio to GT) | World-FD (lower better) | revisit similarity | "
-           "drift FD @20 s | frames to prompt switch | frames/s (CPU) |", "|---|---|---|---|---|---|---|"]
+    """``folder`` may be a comma list of eval folders; the first one holding ``NAME.json`` wins."""
+    reports = {}
     for n in names:
-        p = os.path.join(folder, f"{n}.json")
-        if os.path.exists(p):
-            with open(p, encoding="utf-8") as f:
-                out.append(row(n, json.load(f)))
+        for d in folder.split(","):
+            p = os.path.join(d, f"{n}.json")
+            if os.path.exists(p):
+                with open(p, encoding="utf-8") as f:
+                    reports[n] = json.load(f)
+                break
+    horizon = next((k for r in reports.values() for k in r["metrics"].get("drift", {}).get("at_seconds", {})), "?")
+    out = ["| generator | action following (ratio to GT) | World-FD (lower better) | revisit similarity | "
+           f"drift FD @{horizon} s | frames to prompt switch | frames/s (CPU) |", "|---|---|---|---|---|---|---|"]
+    out += [row(n, r) for n, r in reports.items()]
     return "\n".join(out)
 
 
