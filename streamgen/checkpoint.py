@@ -303,8 +303,7 @@ def load_checkpoint(path: str, config=None, default_family: str = "self-forcing"
             streamgen_cfg = json_cfg                           # a streamgen release directory
     ae = None
     ae_path = os.path.join(root, "autoencoder.safetensors")
-    # a release folder, or its model file: the sibling autoencoder belongs to it
-    if os.path.exists(ae_path) and (os.path.isdir(path) or os.path.dirname(os.path.abspath(path)) == root):
+    if os.path.exists(ae_path):     # a release folder, or its model file: the sibling autoencoder belongs to it
         ae, _ = read_weights(ae_path)
 
     meta_cfg = config_from_metadata(meta)

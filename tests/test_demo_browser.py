@@ -227,7 +227,6 @@ def test_browser_streams_keys_screenshot_and_close(server, browser):
         sh = tab.session_hash
         with urllib.request.urlopen(f"{browser}/json/close/{target_id}", timeout=10):
             pass
-        t_close = time.monotonic()
         assert wait_for(lambda: sh not in app.tabs, 60), "closed tab's session was not freed"
         assert wait_for(stream.done.is_set, 30) and stream.session.cache is None
         assert app.active_streams() == 0

@@ -40,17 +40,6 @@ def to_input(frames) -> torch.Tensor:
     return x.reshape(*lead, 3, 32, 32)
 
 
-def action_targets(actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded actions [..., 6] -> effective keys [..., 4] (W and S cancel, A and D cancel)
-    as float {0, 1} and turn class [...] int (0 left, 1 none, 2 right)."""
-    a = np.asarray(actions, np.float32)
-    w, l, s, r = (a[..., i] > 0.5 for i in range(4))
-    keys = np.stack([w & ~s, l & ~r, s & ~w, r & ~l], -1).astype(np.float32)
-    dx = a[..., 4]
-    turn = np.where(dx < -TURN_THRESHOLD, 0, np.where(dx > TURN_THRESHOLD, 2, 1)).astype(np.int64)
-    return keys, turn
-
-
 def effective_targets(poses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World poses [..., N, 3] (x, y, yaw) -> the motion between consecutive frames as
     effective keys [..., N-1, 4] (W, A, S, D) and turn class [..., N-1] (0 left, 1 none, 2 right).
