@@ -180,6 +180,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "small-world": dict(dim=128, ffn_dim=384, num_heads=2, num_layers=4, in_channels=8,
                         out_channels=8, text_dim=384, freq_dim=64, text_len=16,
                         actions=dict(keys=WASD, mouse=True), pos_embed="learned", pos_grid=16),
+    # The shipped default world model from release 3 on (wider and deeper; same latents).
+    "world-64": dict(dim=192, ffn_dim=576, num_heads=3, num_layers=5, in_channels=8,
+                     out_channels=8, text_dim=384, freq_dim=64, text_len=16,
+                     actions=dict(keys=WASD, mouse=True), pos_embed="learned", pos_grid=16),
 }
 
 
@@ -349,6 +353,9 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     "small-world": dict(model=MODEL_PRESETS["small-world"], height=64, width=64, temporal_stride=1,
                         cache=dict(sink_frames=3, window_frames=6, rope="relative"),
                         vae="tiny-ae", text_encoder="minilm"),
+    "world-64": dict(model=MODEL_PRESETS["world-64"], height=64, width=64, temporal_stride=1,
+                     cache=dict(sink_frames=3, window_frames=9, rope="relative"),
+                     vae="tiny-ae", text_encoder="minilm"),
 }
 
 # Per-family presets (self-forcing, causvid, longlive, ...) register themselves here.

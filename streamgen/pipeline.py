@@ -152,8 +152,21 @@ class Pipeline:
         x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return x.permute(0, 2, 3, 1).cpu().numpy()
 
-    def session(self, prompt: str, seed: int | None = None) -> "Session":
-        return Session(self, prompt, seed)
+    def session(self, prompt: str, seed: int | None = None, start=None, start_actions=None) -> "Session":
+        """A new stream. ``start``: None (generate from noise), uint8 frames [N, H, W, 3] (N a
+        whole number of chunks of video frames) written into the cache as clean context, or
+        "world" (world models: the built-in world's rendering of the prompt's look at the
+        seed's spawn, one chunk). ``start_actions``: the opening frames' actions (one dict, or
+        one per frame; default: no keys)."""
+        return Session(self, prompt, seed, start=start, start_actions=start_actions)
+
+    def opening_frames(self, prompt: str, seed: int) -> np.ndarray:
+        """One chunk of the built-in world's frames for ``prompt`` and ``seed`` (uint8 [k, H, W, 3])."""
+        from .world.episodes import opening_frames
+        c = self.config
+        if c.height != c.width:
+            raise ConfigError("start='world' needs a square model (the world renders square frames)")
+        return opening_frames(prompt, seed, c.sampler.chunk_frames * c.temporal_stride, size=c.height)[0]
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -167,17 +180,55 @@ class Pipeline:
 class Session:
     """One stream: its own cache, prompt, noise generator and decoder state."""
 
-    def __init__(self, pipe: Pipeline, prompt: str, seed: int | None = None):
+    def __init__(self, pipe: Pipeline, prompt: str, seed: int | None = None, start=None, start_actions=None):
         self.pipe = pipe
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         self.generator = torch.Generator(device=pipe.device).manual_seed(self.seed)
-        self.cache = pipe.new_cache(1)
         self.prompt = check_prompt(prompt, pipe.config.max_prompt_chars)
+        self.start_source = "noise"
+        self.start_frames: np.ndarray | None = None     # uint8 [N, H, W, 3] the stream opened from
+        if isinstance(start, str):
+            if start != "world":
+                raise ConfigError(f"start must be None, 'world' or uint8 frames [N, H, W, 3], got {start!r}")
+            start, self.start_source = pipe.opening_frames(self.prompt, self.seed), "world renderer"
+        elif start is not None:
+            self.start_source = "frames"
+        start = None if start is None else check_start_frames(pipe, start)
+        self.cache = pipe.new_cache(1)
         self.cache.cross_kv = pipe.encode_prompt(self.prompt)
         self.vae_state = pipe.vae.init_state(1)
         self.latents: dict[int, torch.Tensor] = {}      # clean latents of cached frames (re-cache)
         self.frames_generated = 0
         self.chunks = 0
+        if start is not None:
+            self._write_start(start, start_actions)
+
+    @torch.no_grad()
+    def _write_start(self, frames: np.ndarray, actions):
+        """Encode the opening frames and write them into the cache as clean context, chunk by chunk."""
+        p, c = self.pipe, self.pipe.config
+        k = c.sampler.chunk_frames
+        video = torch.from_numpy(np.ascontiguousarray(frames)).to(p.device)
+        video = (video.permute(0, 3, 1, 2).float() / 127.5 - 1.0)[None].to(p.dtype)    # [1, N, 3, H, W]
+        z = p.vae.encode(video).to(p.dtype)                                             # [1, F, C, h, w]
+        if z.shape[1] % k:
+            raise ConfigError(f"start frames encode to {z.shape[1]} latent frames; need a whole number of "
+                              f"chunks ({k} latent frames each)")
+        acts = actions if isinstance(actions, (list, tuple)) else [actions] * frames.shape[0]
+        if len(acts) != frames.shape[0]:
+            raise ConfigError(f"start_actions: expected {frames.shape[0]} actions (one per start frame), "
+                              f"got {len(acts)}")
+        stride = max(1, frames.shape[0] // z.shape[1])
+        for s in range(0, z.shape[1], k):
+            a = p.encode_actions([acts[min((s + i) * stride, len(acts) - 1)] for i in range(k)], k)
+            start = self.cache.next_frame[0]
+            self.cache.begin_chunk(k)
+            t = torch.full((1, k), c.sampler.context_noise, device=p.device, dtype=torch.float32)
+            p.model(z[:, s:s + k], t, cache=self.cache, action=a)
+            for i in range(k):
+                self.latents[start + i] = (z[:, s + i], None if a is None else a[:, i])
+            _, self.vae_state = p.vae.decode_chunk(z[:, s:s + k], self.vae_state)
+        self.start_frames = np.ascontiguousarray(frames)
 
     def _noise(self, shape):
         return torch.randn(shape, generator=self.generator, device=self.pipe.device, dtype=self.pipe.dtype)
@@ -220,6 +271,27 @@ class Session:
         """Free the cache now (sessions also free it when garbage-collected)."""
         self.cache = None
         self.latents = {}
+
+
+def check_start_frames(pipe: Pipeline, frames) -> np.ndarray:
+    """Validate opening frames: uint8 [N, H, W, 3] at the model's size, N a whole number of chunks."""
+    c = pipe.config
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if not isinstance(frames, np.ndarray):
+        raise ConfigError(f"start frames must be a uint8 array [N, H, W, 3], got {type(frames).__name__}")
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ConfigError(f"start frames must be uint8 [N, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    if frames.shape[1:3] != (c.height, c.width):
+        raise ConfigError(f"start frames are {frames.shape[2]}x{frames.shape[1]}; the model makes "
+                          f"{c.width}x{c.height} (resize them first)")
+    k, ts = c.sampler.chunk_frames, c.temporal_stride
+    n = frames.shape[0]
+    ok = n % (k * ts) == 0 if ts == 1 else (n - 1) % ts == 0 and ((n - 1) // ts + 1) % k == 0
+    if n == 0 or not ok:
+        want = f"a multiple of {k * ts}" if ts == 1 else f"1 + {ts} * (a multiple of {k} - 1), e.g. {1 + ts * (k - 1)}"
+        raise ConfigError(f"start has {n} frames; it must be a whole number of chunks: {want}")
+    return frames
 
 
 @torch.no_grad()

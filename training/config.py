@@ -31,7 +31,7 @@ def yaml_load(text_or_stream):
     return yaml.load(text_or_stream, Loader=_YamlLoader)
 
 
-STAGES = ("autoencoder", "teacher", "ode_init", "consistency", "dmd", "teacher_forcing", "diffusion_forcing")
+STAGES = ("autoencoder", "teacher", "causal_init", "ode_init", "consistency", "dmd", "teacher_forcing", "diffusion_forcing")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class DataConfig:
     size: int = 64
     seed: int = 0
     policy: str = "random"
+    warmup: int = 0                # world: policy frames run before a clip starts (0..warmup per clip)
     folder: str = ""               # source "folder": directory of videos
     captions: str = ""             # source "folder": captions JSONL
     cache_dir: str = "runs/data"   # rendered frames / latents / text embeddings cached here
@@ -53,6 +54,8 @@ class DataConfig:
             raise ConfigError("data.clips, data.clip_frames and data.size must be > 0")
         if self.source == "folder" and not self.folder:
             raise ConfigError("data.source 'folder' needs data.folder")
+        if self.warmup < 0:
+            raise ConfigError("data.warmup must be >= 0")
 
 
 @dataclass
@@ -105,6 +108,11 @@ class RunConfig:
     ode_steps: int = 24                    # teacher Euler steps for ode_init trajectories
     ode_samples: int = 256                 # stored teacher trajectories
     context: str = "self"                  # rollout context: "self" (SF) | "clean" (TF) | "noisy" (DF)
+    # clean context (world models: continue from real frames)
+    clean_chunks: str = "none"             # which chunks are clean data (t = 0, no loss):
+                                           # "none" | "prefix" (first L chunks) | "bernoulli" (each chunk)
+    clean_p: float = 0.5                   # prefix: P(L >= 1), L uniform in 1..n-1; bernoulli: P(clean)
+    start_chunks: int = 0                  # DMD family: rollouts open with this many real chunks
     # autoencoder
     ae_width: int = 32
     ae_latent_noise: float = 0.1           # decoder trained on latents + this * N(0, std)
@@ -135,6 +143,10 @@ class RunConfig:
             raise ConfigError("timestep_per must be 'clip', 'chunk' or 'frame'")
         if self.context not in ("self", "clean", "noisy"):
             raise ConfigError("context must be 'self', 'clean' or 'noisy'")
+        if self.clean_chunks not in ("none", "prefix", "bernoulli"):
+            raise ConfigError("clean_chunks must be 'none', 'prefix' or 'bernoulli'")
+        if not 0 <= self.clean_p <= 1 or self.start_chunks < 0:
+            raise ConfigError("clean_p must lie in [0, 1] and start_chunks must be >= 0")
         if self.guidance_on not in ("text", "text+actions"):
             raise ConfigError("guidance_on must be 'text' or 'text+actions'")
         if self.precision not in ("auto", "fp32", "bf16") or self.grad_checkpointing not in ("auto", "on", "off"):

@@ -26,17 +26,23 @@ def _atomic_save(obj, path: str):
     os.replace(tmp, path)
 
 
+def _wu(cfg: DataConfig) -> tuple:
+    """Cache-key parts of options added later (empty at their defaults: old caches stay valid)."""
+    return (cfg.warmup,) if cfg.warmup else ()
+
+
 def load_frames(cfg: DataConfig) -> dict:
     """{"frames": uint8 [N, T, H, W, 3], "actions": f32 [N, T, 6], "captions": [str]} (cached)."""
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    path = os.path.join(cfg.cache_dir, f"frames-{_key(cfg.source, cfg.clips, cfg.clip_frames, cfg.size, cfg.seed, cfg.policy, cfg.folder)}.pt")
+    path = os.path.join(cfg.cache_dir, f"frames-{_key(cfg.source, cfg.clips, cfg.clip_frames, cfg.size, cfg.seed, cfg.policy, cfg.folder, *_wu(cfg))}.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
     frames, actions, captions = [], [], []
     if cfg.source == "world":
         from ..world.episodes import generate_clip
         for i in range(cfg.clips):
-            c = generate_clip(cfg.seed * 1_000_003 + i, cfg.clip_frames, size=cfg.size, policy=cfg.policy)
+            c = generate_clip(cfg.seed * 1_000_003 + i, cfg.clip_frames, size=cfg.size, policy=cfg.policy,
+                              warmup=cfg.warmup)
             frames.append(torch.from_numpy(np.ascontiguousarray(c["frames"])))
             actions.append(torch.from_numpy(c["actions"]))
             captions.append(c["caption"])
@@ -70,7 +76,8 @@ def load_latents(cfg: DataConfig, pcfg, autoencoder, ae_path: str) -> dict:
     """{"latents": [N, F, C, h, w], "actions": [N, F, A], "text": [N, L, D], "captions"} (cached)."""
     stamp = os.path.getmtime(ae_path) if ae_path and os.path.exists(ae_path) else 0
     path = os.path.join(cfg.cache_dir, "latents-" + _key(cfg.source, cfg.clips, cfg.clip_frames, cfg.size, cfg.seed,
-                                                          cfg.policy, cfg.folder, ae_path, stamp, pcfg.text_encoder,
+                                                          cfg.policy, cfg.folder, *_wu(cfg), ae_path, stamp,
+                                                          pcfg.text_encoder,
                                                           pcfg.model.text_dim) + ".pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)

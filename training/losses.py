@@ -37,6 +37,39 @@ def shifted_timesteps(u: torch.Tensor, shift: float, t_min: float = 20.0, t_max:
     return (1000.0 * shift_sigma(u, shift)).clamp(t_min, t_max).contiguous()
 
 
+def clean_chunk_mask(batch: int, n_chunks: int, mode: str, p: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which chunks are clean context, bool [B, n_chunks] (True = clean data at t = 0, no loss).
+
+    "none": no chunk. "prefix": with probability p the first L chunks, L ~ U{1..n-1}.
+    "bernoulli": each chunk with probability p; if every chunk of a clip came up clean, its
+    last chunk is made noisy (each clip keeps something to learn).
+    """
+    if mode == "none" or n_chunks < 2:
+        return torch.zeros(batch, n_chunks, dtype=torch.bool)
+    if mode == "prefix":
+        on = torch.rand(batch, generator=generator) < p
+        length = torch.randint(1, n_chunks, (batch,), generator=generator) * on
+        return torch.arange(n_chunks)[None, :] < length[:, None]
+    if mode == "bernoulli":
+        m = torch.rand(batch, n_chunks, generator=generator) < p
+        m[:, -1] &= ~m.all(dim=1)
+        return m
+    raise ValueError(f"mode must be 'none', 'prefix' or 'bernoulli', got {mode!r}")
+
+
+def apply_clean_chunks(t: torch.Tensor, clean: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [B, F] and clean [B, n_chunks] -> (t with clean frames at 0, loss weight [B, F]).
+
+    The weight is 1 on noisy frames and 0 on clean ones, scaled so that it averages to 1
+    (a batch whose frames are all clean gets weight 0)."""
+    frames = t.shape[1]
+    cf = clean.to(t.device).repeat_interleave(chunk_frames, 1)[:, :frames]     # [B, F]
+    t = torch.where(cf, torch.zeros_like(t), t)
+    w = (~cf).float()
+    return t, w / w.mean().clamp_min(1e-8) * (w.sum() > 0)
+
+
 def sigma_of(t: torch.Tensor) -> torch.Tensor:
     """[B, F] timesteps -> sigmas broadcastable to latents [B, F, 1, 1, 1]."""
     return (t / 1000.0)[:, :, None, None, None]
@@ -100,9 +133,10 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x.double() - target).pow(2).mean()
 
 
-def critic_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def critic_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
     """The fake-score (critic) objective: flow matching on detached generator samples."""
-    return flow_matching_loss(v_pred, x0.detach(), eps)
+    return flow_matching_loss(v_pred, x0.detach(), eps, weight)
 
 
 def ode_regression_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:

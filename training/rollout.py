@@ -33,12 +33,14 @@ def _fresh_statics(cache: StreamCache):
 def rollout(model, cache: StreamCache, timesteps: list[float], noise: torch.Tensor,
             draw: Callable[[tuple], torch.Tensor], exit_step: int, actions: torch.Tensor | None = None,
             context: str = "self", gt: torch.Tensor | None = None, context_t: torch.Tensor | None = None,
-            context_noise: float = 0.0, grad: bool = True) -> torch.Tensor:
+            context_noise: float = 0.0, grad: bool = True, start_frames: int = 0) -> torch.Tensor:
     """Roll out every chunk of ``noise`` [B, F, C, H, W]; returns x0 [B, F, C, H, W].
 
     timesteps: the few-step list (already warped); exit_step: index into it.
     draw(shape) -> fresh noise. cache: reset, with ``cache.cross_kv`` set (may carry grad).
     gt [B, F, ...] and context_t [B, n_chunks] are needed for context "clean"/"noisy".
+    start_frames (a whole number of chunks): the first frames are ``gt``, written into the cache
+    as clean context (``Session(start=...)`` at inference) and returned as they are.
     """
     B, Fr = noise.shape[:2]
     k = cache.chunk_frames
@@ -47,6 +49,11 @@ def rollout(model, cache: StreamCache, timesteps: list[float], noise: torch.Tens
         a = None if actions is None else actions[:, s:s + k]
         x = noise[:, s:s + k]
         cache.begin_chunk(k)
+        if s < start_frames:
+            with torch.no_grad():
+                model(gt[:, s:s + k], torch.zeros(B, k, device=x.device), cache=cache, action=a)
+            out.append(gt[:, s:s + k])
+            continue
         tt = lambda t: torch.full((B, k), float(t), device=x.device, dtype=torch.float32)  # noqa: E731
         with torch.no_grad():
             for i in range(exit_step):

@@ -276,19 +276,24 @@ class TeacherStage(LatentStage):
         self.opts["dit"] = adamw(m.parameters(), cfg.optim)
         self.init_ema(m)
 
+    mask = "bidirectional"
+
     def step(self, step):
         m, g, c = self.mods["dit"], self.gen(step), self.cfg
         x0, text, act = self.batch(step)
         B, Fr = x0.shape[:2]
         t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per=c.timestep_per,
                                chunk_frames=self.k, generator=g).to(self.device)
+        clean = L.clean_chunk_mask(B, -(-Fr // self.k), c.clean_chunks, c.clean_p, g)
+        t, w = L.apply_clean_chunks(t, clean, self.k)
         eps = self.randn(x0.shape, g)
         text, _ = L.cfg_dropout(text, c.text_dropout, g)
         if act is not None:
             act, _ = L.cfg_dropout(act, c.action_dropout, g)
+        kw = self.mask_kw() if self.mask == "block_causal" else {}
         with self.autocast():
-            v = m(L.noise_latents(x0, eps, t), t, text, action=act)
-            loss = L.flow_matching_loss(v, x0, eps)
+            v = m(L.noise_latents(x0, eps, t), t, text, action=act, **kw)
+            loss = L.flow_matching_loss(v, x0, eps, weight=w)
         gn = self.update("dit", loss, step, c.optim)
         self.ema_step(m, step)
         return {"loss": loss.item(), "grad_norm": gn}
@@ -302,6 +307,22 @@ class TeacherStage(LatentStage):
 
     def export(self, out_dir):
         self.release_dit(out_dir, self.ema_state_dict(self.mods["dit"]))
+
+
+class CausalInitStage(TeacherStage):
+    """Causal student init: the teacher's weights trained block-causally by flow matching with
+    clean context chunks (``clean_chunks``): a noisy chunk after clean ones is teacher forcing,
+    after noisy ones diffusion forcing. Samples use the streaming inference loop."""
+
+    mask = "block_causal"
+
+    def __init__(self, cfg, dist):
+        if cfg.init in ("", "teacher"):
+            cfg = dataclasses.replace(cfg, init=cfg.teacher)
+        super().__init__(cfg, dist)
+
+    def sample(self, step):
+        return self.student_sample(_with_ema(self.mods["dit"], self.ema), self.gen(step, salt=9))
 
 
 def _with_ema(model, ema):
@@ -453,7 +474,8 @@ class DMDStage(StudentStage):
             cache.cross_kv = gm.cross_kv(text)
             x = rollout(gm, cache, self.timesteps, self.randn(x0_gt.shape, g), lambda s: self.randn(s, g),
                         exit_step, act, context=c.context, gt=x0_gt, context_t=ctx_t,
-                        context_noise=self.pcfg.sampler.context_noise, grad=grad)
+                        context_noise=self.pcfg.sampler.context_noise, grad=grad,
+                        start_frames=c.start_chunks * self.k)
         return x.float(), exit_step
 
     def step(self, step):
@@ -463,33 +485,38 @@ class DMDStage(StudentStage):
         out = {}
         gen_step = step % c.gen_every == 0
         x, exit_step = self._rollout(x0_gt, text, act, g, grad=gen_step)
+        P = min(c.start_chunks * self.k, Fr)                          # real opening frames (clean, no loss)
+        start = (torch.arange(-(-Fr // self.k)) < c.start_chunks)[None].expand(B, -1)
         if gen_step:
             t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per="clip",
                                    generator=g).to(self.device)
+            t, _ = L.apply_clean_chunks(t, start, self.k)
             with torch.no_grad():
                 x_t = L.noise_latents(x.detach(), self.randn(x.shape, g), t)
                 with self.autocast():
                     fake = L.x0_from_flow(x_t, self.mods["critic"](x_t, t, text, action=act).float(), t)
                 real = self.teacher_x0(self.teacher, x_t, t, text, act, c.guidance)
-                grad = L.dmd_gradient(x.detach(), fake, real)
-            loss = L.dmd_loss(x, grad)
+                grad = L.dmd_gradient(x[:, P:].detach(), fake[:, P:], real[:, P:])
+            loss = L.dmd_loss(x[:, P:], grad)
             out["dmd_loss"] = loss.item()
             out["gen_grad_norm"] = self.update("generator", loss, step, c.optim)
             self.ema_step(self.mods["generator"], step)
         # critic: flow matching on the detached rollout, every step
         t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per=c.timestep_per,
                                chunk_frames=self.k, generator=g).to(self.device)
+        t, w = L.apply_clean_chunks(t, start, self.k)
         eps = self.randn(x.shape, g)
         with self.autocast():
             v = self.mods["critic"](L.noise_latents(x.detach(), eps, t), t, text, action=act)
-            closs = L.critic_loss(v, x.detach(), eps)
+            closs = L.critic_loss(v, x.detach(), eps, weight=w)
         out["critic_loss"] = closs.item()
         out["critic_grad_norm"] = self.update("critic", closs, step, c.critic_optim)
         out["exit_step"] = exit_step
         return out
 
 
-STAGE_CLASSES = {"autoencoder": AutoencoderStage, "teacher": TeacherStage, "ode_init": OdeInitStage,
+STAGE_CLASSES = {"autoencoder": AutoencoderStage, "teacher": TeacherStage, "causal_init": CausalInitStage,
+                 "ode_init": OdeInitStage,
                  "consistency": ConsistencyStage, "dmd": DMDStage, "teacher_forcing": DMDStage,
                  "diffusion_forcing": DMDStage}
 

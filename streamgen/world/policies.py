@@ -10,7 +10,11 @@ Every policy is ``fn(world, rng, frames) -> list[action]`` with actions
 * ``revisit``  returns to earlier poses: 360-degree turns and go-forward/turn/come-back loops
                whose lengths are multiples of 48 frames (the lanterns' common period).
 * ``scripted`` a fixed tour: walk, turn 90 degrees, look around; same every time.
+* ``explore``  a walker that shows the maze: it follows corridor centre lines cell by cell,
+               turns at junctions (and at dead ends), looks down side corridors, strafes and
+               backs up now and then. This is what the default world model is trained on.
 * ``mixed``    per clip, one of the above (random 40 %, human 40 %, revisit 20 %).
+* ``explore-mix`` per clip: explore 75 %, human 10 %, random 15 % (the world-model recipe).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import numpy as np
 
 from .render import FORWARD, TURN_DEG, World
 
-POLICIES = ("random", "human", "revisit", "scripted", "mixed")
+POLICIES = ("random", "human", "revisit", "scripted", "explore", "mixed", "explore-mix")
 TURN_360 = int(round(360 / TURN_DEG))   # frames of a full turn at |dx| = 1 (48)
 
 
@@ -117,11 +121,99 @@ def scripted_policy(world: World, rng: np.random.Generator, frames: int) -> list
     return (tour * (frames // len(tour) + 1))[:frames]
 
 
+_DIRS = ((1, 0), (0, 1), (-1, 0), (0, -1))     # (dx, dy) in grid cells; yaw 0, +90, 180, -90 deg
+
+
+def _wrap(a: float) -> float:
+    return math.atan2(math.sin(a), math.cos(a))
+
+
+def _free(world: World, cx: int, cy: int) -> bool:
+    g = world.grid
+    return 0 <= cy < g.shape[0] and 0 <= cx < g.shape[1] and g[cy, cx] == 0
+
+
+def _turn_to(yaw: float, target: float, walk: bool) -> dict:
+    """One frame of turning toward ``target`` (walking forward when nearly aligned)."""
+    d = _wrap(target - yaw)
+    dx = float(np.clip(d / math.radians(TURN_DEG), -1.0, 1.0))
+    return act(["W"] if walk and abs(d) < math.radians(35) else [], dx)
+
+
+def explore_policy(world: World, rng: np.random.Generator, frames: int) -> list[dict]:
+    """Walk the maze along corridor centre lines; see the module docstring."""
+    out: list[dict] = []
+    pose = world.spawn.copy()
+    heading = int(round(pose[2] / (math.pi / 2))) % 4
+    guard = 0
+    while len(out) < frames and guard < 10 * frames:
+        guard += 1
+        cx, cy = int(math.floor(pose[0])), int(math.floor(pose[1]))
+        opts = [i for i, (dx, dy) in enumerate(_DIRS) if _free(world, cx + dx, cy + dy)]
+        if not opts:
+            out.append(act((), 1.0))
+            pose = world.move(pose, out[-1])
+            continue
+        back = (heading + 2) % 4
+        fwd = [i for i in opts if i != back] or opts
+        side = [i for i in fwd if i != heading]
+        r = rng.random()
+        seg: list[dict] = []
+        if side and r < 0.15:                       # look down a side corridor, then back
+            look = _DIRS[side[int(rng.integers(len(side)))]]
+            tgt = math.atan2(look[1], look[0])
+            seg = _turn_seq(pose[2], tgt, walk=False) + [act()] * int(rng.integers(2, 8))
+            seg += _turn_seq(tgt, pose[2], walk=False)
+        elif r < 0.22:                              # strafe a little
+            seg = [act(["A" if rng.random() < 0.5 else "D"])] * int(rng.integers(4, 10))
+        elif r < 0.27:                              # back up
+            seg = [act(["S"])] * int(rng.integers(4, 10))
+        for a in seg:
+            out.append(a)
+            pose = world.move(pose, a)
+        if heading in fwd and (len(fwd) == 1 or rng.random() < 0.55):
+            new = heading
+        else:
+            new = fwd[int(rng.integers(len(fwd)))]
+        heading = new
+        tx, ty = cx + _DIRS[new][0] + 0.5, cy + _DIRS[new][1] + 0.5
+        for _ in range(40):                         # turn toward the next cell centre and walk there
+            if len(out) >= frames:
+                break
+            # re-centre on the perpendicular axis, aim at the target centre
+            tgt = math.atan2(ty - pose[1], tx - pose[0])
+            if math.hypot(tx - pose[0], ty - pose[1]) < 0.12:
+                break
+            a = _turn_to(pose[2], tgt, walk=True)
+            npose = world.move(pose, a)
+            out.append(a)
+            if a["keys"] and np.allclose(npose[:2], pose[:2]):   # stuck on a corner: turn only
+                out[-1] = act((), a["mouse"][0] or 1.0)
+                npose = world.move(pose, out[-1])
+            pose = npose
+    while len(out) < frames:
+        out.append(act())
+    return out[:frames]
+
+
+def _turn_seq(yaw: float, target: float, walk: bool) -> list[dict]:
+    seq = []
+    for _ in range(48):
+        if abs(_wrap(target - yaw)) < 1e-3:
+            break
+        a = _turn_to(yaw, target, walk)
+        seq.append(a)
+        yaw = _wrap(yaw + math.radians(TURN_DEG) * a["mouse"][0])
+    return seq
+
+
 def run_policy(name: str, world: World, rng: np.random.Generator, frames: int) -> list[dict]:
     if name == "mixed":
         name = ("random", "human", "revisit")[int(rng.choice(3, p=[0.4, 0.4, 0.2]))]
+    elif name == "explore-mix":
+        name = ("explore", "human", "random")[int(rng.choice(3, p=[0.75, 0.1, 0.15]))]
     fn = {"random": random_policy, "human": human_policy, "revisit": revisit_policy,
-          "scripted": scripted_policy}.get(name)
+          "scripted": scripted_policy, "explore": explore_policy}.get(name)
     if fn is None:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     return fn(world, rng, frames)

@@ -92,6 +92,19 @@ class World:
             y += dy
         return np.array([x, y, yaw], np.float64)
 
+    def view_pose(self) -> np.ndarray:
+        """The spawn position, facing along the axis with the longest free run (a corridor view)."""
+        x, y, _ = self.spawn
+        best, yaw = -1.0, 0.0
+        for k in range(4):
+            a = k * math.pi / 2
+            d = 0.0
+            while d < 20 and not self.blocked(x + (d + 0.05) * math.cos(a), y + (d + 0.05) * math.sin(a)):
+                d += 0.05
+            if d > best:
+                best, yaw = d, a
+        return np.array([x, y, math.atan2(math.sin(yaw), math.cos(yaw))], np.float64)
+
     def poses(self, actions, start=None) -> np.ndarray:
         """Pose of every frame: frame i is rendered after applying action i. -> [N, 3]"""
         p = self.spawn if start is None else np.asarray(start, np.float64)
