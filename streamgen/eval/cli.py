@@ -65,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-rollouts", type=_positive, default=d.drift_rollouts)
     p.add_argument("--switch-pre", type=_positive, default=d.switch_pre)
     p.add_argument("--switch-post", type=_positive, default=d.switch_post)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="first held-out world seed (default %(default)s)")
+    p.add_argument("--start", default=d.start, choices=("noise", "world"),
+                   help="how model sessions open: from noise, or from the world's rendering of the "
+                        "look at the seed's spawn (default %(default)s; continuation always opens from true frames)")
+    p.add_argument("--continuation-walks", type=_positive, default=d.continuation_walks,
+                   help="held-out exploring walks of the continuation metric (>= 2; default %(default)s)")
+    p.add_argument("--continuation-chunks", type=_positive, default=d.continuation_chunks,
+                   help="generated chunks per walk (default %(default)s)")
     p.add_argument("--evaluators", default=None, help="folder of evaluator weights (default: shipped)")
     return p
 
@@ -166,11 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = EvalSettings(rollouts=args.rollouts, rollout_frames=max(args.rollout_frames, 16),
                                 drift_seconds=args.drift_seconds, drift_window=args.drift_window,
                                 drift_rollouts=args.drift_rollouts, switch_pre=max(args.switch_pre, 2),
-                                switch_post=max(args.switch_post, 24), seed=args.seed, metrics=mets)
+                                switch_post=max(args.switch_post, 24), seed=args.seed, metrics=mets,
+                                start=args.start, continuation_walks=max(args.continuation_walks, 2),
+                                continuation_chunks=args.continuation_chunks)
         ev = Evaluators.load(args.evaluators or ASSETS)
         gen = load_generator(args.model, args.device)
         log = lambda msg: print(f"[eval] {msg}", file=sys.stderr)  # noqa: E731
-        report = {"model": args.model, **run_suite(gen, settings, ev, progress=log)}
+        from functools import partial
+
+        from tqdm import tqdm
+        bar = partial(tqdm, file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
+        report = {"model": args.model, **run_suite(gen, settings, ev, progress=log, bar=bar)}
         out = Path(args.out or f"eval-{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.model).strip('_.') or 'model'}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.plot == "png":
@@ -192,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
                 summary["revisit_similarity"] = m["revisit"]["model"]["similarity"]
             if "prompt_switch" in m:
                 summary["frames_to_switch"] = m["prompt_switch"]["model"]["frames_to_switch"]
+            if "continuation" in m:
+                c = m["continuation"]
+                summary["continuation_psnr_chunk1"] = c["model"]["psnr"][0]
+                summary["continuation_psnr_mean"] = c["model"]["psnr_mean"]
+                summary["copy_last_psnr_chunk1"] = c["copy_last"]["psnr"][0]
+                summary["copy_last_psnr_mean"] = c["copy_last"]["psnr_mean"]
+                summary["shuffled_actions_cost_db"] = c["action_sensitivity_db"]
             print(json.dumps(summary))
         return 0
     except _UsageError as e:

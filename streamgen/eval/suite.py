@@ -24,6 +24,13 @@ Metrics (each reported for the model and, measured identically, for ground truth
   revisit           360-degree turns and go/turn/come-back scripts; see metrics.revisit.
   drift             World-FD per time window of a long human-policy rollout.
   prompt_switch     theme-classifier response after a prompt switch; see metrics.switch_response.
+  continuation      from the first true chunk of held-out exploring walks, PSNR/SSIM per chunk
+                    against the true frames, next to copy-last, autoencoder and shuffled-action
+                    references (``streamgen.eval.continuation``; Pipelines only).
+
+``EvalSettings.start``: "noise" (sessions start from noise) or "world" (sessions open from the
+world's own rendering of the look at the seed's spawn, ``session(start="world")``; the ground
+truth is then replayed from the same opening frames).
 
 Reference generators: ``GroundTruthGenerator`` (the world; the ceiling) and
 ``CorruptedGenerator("shuffled" | "frozen")`` (floors used to sanity-check the metrics).
@@ -38,14 +45,15 @@ import numpy as np
 import torch
 
 from ..world.data import resize_frames
-from ..world.episodes import TRANSITION, WorldSession, scene_for
+from ..world.episodes import TRANSITION, WorldSession, opening_frames, scene_for
 from ..world.policies import FORWARD, act, free_run, human_policy, random_policy, revisit_script
 from ..world.render import World
 from ..world.scene import THEMES, Look, caption
 from . import metrics as M
 from .evaluators import EVAL_SIZE, Evaluators, effective_targets
 
-ALL_METRICS = ("action", "fd", "revisit", "drift", "switch")
+OPENING = 3          # frames of a start="world" opening (one chunk of the shipped models)
+ALL_METRICS = ("action", "fd", "revisit", "drift", "switch", "continuation")
 
 
 @dataclass
@@ -59,6 +67,9 @@ class EvalSettings:
     switch_post: int = 48
     seed: int = 900000                # first world seed of the evaluation (training uses < 800000)
     metrics: tuple = field(default=ALL_METRICS)
+    start: str = "noise"              # "noise" | "world": how model sessions open
+    continuation_walks: int = 4
+    continuation_chunks: int = 8
 
 
 class GroundTruthGenerator:
@@ -70,8 +81,14 @@ class GroundTruthGenerator:
         self.size, self.chunk = size, chunk
         self.config = SimpleNamespace(fps=fps, height=size, width=size)
 
-    def session(self, prompt: str, seed: int) -> WorldSession:
-        return WorldSession(prompt, seed, self.size, self.chunk)
+    def session(self, prompt: str, seed: int, start=None) -> WorldSession:
+        if start is None:
+            return WorldSession(prompt, seed, self.size, self.chunk)
+        if start != "world":
+            raise ValueError("the ground-truth generator opens from noise-free spawn or start='world' only")
+        _, ws = opening_frames(prompt, seed, OPENING, self.size)
+        ws.chunk = self.chunk
+        return ws
 
 
 class _CorruptedSession:
@@ -101,8 +118,8 @@ class CorruptedGenerator(GroundTruthGenerator):
         super().__init__(size, fps, chunk)
         self.kind = self.name = kind
 
-    def session(self, prompt: str, seed: int):
-        return _CorruptedSession(super().session(prompt, seed), self.kind, seed)
+    def session(self, prompt: str, seed: int, start=None):
+        return _CorruptedSession(super().session(prompt, seed, start), self.kind, seed)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -123,13 +140,17 @@ def _as_frames(out) -> np.ndarray:
 class Rollouts:
     """Runs scripts on the model and replays them on the world; accumulates generation time."""
 
-    def __init__(self, gen):
+    def __init__(self, gen, start: str = "noise"):
         self.gen, self.gt = gen, GroundTruthGenerator(fps=int(getattr(gen.config, "fps", 16)))
+        self.start = start
         self.gen_frames, self.gen_seconds = 0, 0.0
+
+    def open(self, gen, prompt, seed):
+        return gen.session(prompt, seed) if self.start == "noise" else gen.session(prompt, seed, start="world")
 
     def run(self, prompt, seed, script, switch_prompt=None, switch_at=None):
         """-> model frames [N,64,64,3], ground-truth frames [N,64,64,3], executed actions, switch frame."""
-        sess = self.gen.session(prompt, seed)
+        sess = self.open(self.gen, prompt, seed)
         frames, executed, switched = [], [], None
         t0 = time.perf_counter()
         while len(executed) < len(script):
@@ -148,7 +169,7 @@ class Rollouts:
         return gen, self.replay(prompt, seed, executed, switch_prompt, switched), executed, switched
 
     def replay(self, prompt, seed, executed, switch_prompt=None, switched=None) -> np.ndarray:
-        s = self.gt.session(prompt, seed)
+        s = self.open(self.gt, prompt, seed)
         out = []
         for i, a in enumerate(executed):
             if switch_prompt is not None and i == switched:
@@ -258,7 +279,8 @@ def _drift(gen, ev, S) -> dict:
         _, prompt = scene_for(seed)
         w = World(seed)
         script = human_policy(w, np.random.default_rng([seed, 2]), n_win * win)
-        sess, gts = gen.session(prompt, seed), WorldSession(prompt, seed, EVAL_SIZE)
+        sess = gen.session(prompt, seed) if S.start == "noise" else gen.session(prompt, seed, start="world")
+        gts = GroundTruthGenerator().session(prompt, seed, None if S.start == "noise" else "world")
         buf_g, buf_t, k = [], [], 0
         while k < n_win * win:
             a = script[k]                          # in force for every frame of this step
@@ -313,15 +335,19 @@ def _prompt_switch(R, ev, S) -> dict:
 
 
 def run_suite(gen, settings: EvalSettings | None = None, evaluators: Evaluators | None = None,
-              progress=None) -> dict:
-    """Run the selected metrics on ``gen``; returns the JSON-ready report dict."""
+              progress=None, bar=None) -> dict:
+    """Run the selected metrics on ``gen``; returns the JSON-ready report dict.
+
+    ``progress(msg)`` gets stage lines; ``bar(total=, desc=)`` (e.g. tqdm) makes progress bars."""
     S = settings or EvalSettings()
     bad = sorted(set(S.metrics) - set(ALL_METRICS))
     if bad:
         raise ValueError(f"unknown metric(s) {bad}; known: {', '.join(ALL_METRICS)}")
+    if S.start not in ("noise", "world"):
+        raise ValueError(f"start must be 'noise' or 'world', got {S.start!r}")
     ev = evaluators or Evaluators.load()
     log = progress or (lambda msg: None)
-    R = Rollouts(gen)
+    R = Rollouts(gen, S.start)
     feats = {"gen": [], "gt": []}
     res: dict = {}
     t0 = time.perf_counter()
@@ -342,6 +368,14 @@ def run_suite(gen, settings: EvalSettings | None = None, evaluators: Evaluators 
     if "switch" in S.metrics:
         log("prompt switch rollouts")
         res["prompt_switch"] = _prompt_switch(R, ev, S)
+    if "continuation" in S.metrics:
+        if hasattr(gen, "vae") and hasattr(gen.config, "sampler"):
+            log("continuation walks")
+            from .continuation import continuation
+            res["continuation"] = continuation(gen, S.continuation_walks, S.continuation_chunks, S.seed,
+                                               progress=bar)
+        elif len(S.metrics) == 1:
+            raise ValueError("the continuation metric needs a streamgen Pipeline (a model), not a reference")
     if "action" not in S.metrics:
         res.pop("action_following", None)       # rollouts were only needed for World-FD
     if "revisit" not in S.metrics:
