@@ -128,8 +128,20 @@ class RunConfig:
 
     # ------------------------------------------------------------------
     def pipeline_config(self) -> PipelineConfig:
+        """``pipeline``: a preset name, a full PipelineConfig dict, or ``{preset: NAME, ...}``
+        whose other keys override the preset's (nested dicts merge, e.g. ``sampler:
+        {denoising_steps: [1000, 500]}``)."""
         p = self.pipeline
-        return PipelineConfig.from_name(p) if isinstance(p, str) else PipelineConfig.from_dict(p)
+        if isinstance(p, str):
+            return PipelineConfig.from_name(p)
+        if isinstance(p, dict) and "preset" in p:
+            base = to_dict(PipelineConfig.from_name(p["preset"]))
+            for k, v in p.items():
+                if k == "preset":
+                    continue
+                base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+            return PipelineConfig.from_dict(base)
+        return PipelineConfig.from_dict(p)
 
     def validate(self) -> "RunConfig":
         if self.stage not in STAGES:

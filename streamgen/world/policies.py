@@ -100,14 +100,14 @@ def revisit_policy(world: World, rng: np.random.Generator, frames: int) -> list[
         fwd = int(min(24, (run - 0.1) / FORWARD))
         seg = revisit_script("back", 1.0, fwd) if fwd >= 6 and rng.random() < 0.6 else \
             revisit_script("turn", float(rng.choice([-1.0, 1.0])))
-        seg += human_policy(_at(world, pose), rng, int(rng.integers(6, 20)))
+        seg += human_policy(world_at(world, pose), rng, int(rng.integers(6, 20)))
         for a in seg:
             pose = world.move(pose, a)
         out += seg
     return out[:frames]
 
 
-def _at(world: World, pose) -> World:
+def world_at(world: World, pose) -> World:
     """A shallow view of ``world`` whose spawn is ``pose`` (for chaining policies)."""
     w = object.__new__(World)
     w.__dict__.update(world.__dict__)
