@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary["revisit_similarity"] = m["revisit"]["model"]["similarity"]
             if "prompt_switch" in m:
                 summary["frames_to_switch"] = m["prompt_switch"]["model"]["frames_to_switch"]
+            if "drift" in m:
+                summary["drift_last_over_first"] = m["drift"]["last_over_first"]
             if "continuation" in m:
                 c = m["continuation"]
                 summary["continuation_psnr_chunk1"] = c["model"]["psnr"][0]

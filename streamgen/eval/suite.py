@@ -68,7 +68,7 @@ class EvalSettings:
     seed: int = 900000                # first world seed of the evaluation (training uses < 800000)
     metrics: tuple = field(default=ALL_METRICS)
     start: str = "noise"              # "noise" | "world": how model sessions open
-    continuation_walks: int = 4
+    continuation_walks: int = 8
     continuation_chunks: int = 8
 
 
@@ -302,7 +302,9 @@ def _drift(gen, ev, S) -> dict:
     for h in S.drift_seconds:
         ends = [c for c in curve if c["t1"] <= h + 1e-9]
         at[f"{h:g}"] = ends[-1]["fd"] if ends else None
+    first, last = curve[0]["fd"], curve[-1]["fd"]
     return {"curve": curve, "at_seconds": at, "frames_per_rollout": n_win * win,
+            "last_over_first": last / first if first > 0 else None,
             "gen_fps": made / max(time.perf_counter() - t0, 1e-9)}
 
 

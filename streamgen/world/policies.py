@@ -14,7 +14,10 @@ Every policy is ``fn(world, rng, frames) -> list[action]`` with actions
                turns at junctions (and at dead ends), looks down side corridors, strafes and
                backs up now and then. This is what the default world model is trained on.
 * ``mixed``    per clip, one of the above (random 40 %, human 40 %, revisit 20 %).
-* ``explore-mix`` per clip: explore 75 %, human 10 %, random 15 % (the world-model recipe).
+* ``explore-jitter`` explore with 3-6 frame distractor actions (stop, turn, strafe, back up)
+               about every 9 frames, so the future depends on the keys, not on the motion so far.
+* ``explore-mix`` per clip: explore 75 %, human 10 %, random 15 % (release 3's first teacher stage).
+* ``world-model`` per clip: explore-jitter 70 %, human 10 %, random 20 % (release 3's recipe).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import numpy as np
 
 from .render import FORWARD, TURN_DEG, World
 
-POLICIES = ("random", "human", "revisit", "scripted", "explore", "mixed", "explore-mix")
+POLICIES = ("random", "human", "revisit", "scripted", "explore", "explore-jitter", "mixed", "explore-mix",
+            "world-model")
 TURN_360 = int(round(360 / TURN_DEG))   # frames of a full turn at |dx| = 1 (48)
 
 
@@ -140,8 +144,16 @@ def _turn_to(yaw: float, target: float, walk: bool) -> dict:
     return act(["W"] if walk and abs(d) < math.radians(35) else [], dx)
 
 
-def explore_policy(world: World, rng: np.random.Generator, frames: int) -> list[dict]:
-    """Walk the maze along corridor centre lines; see the module docstring."""
+_DISTRACTORS = (((), 0.0), ((), -1.0), ((), 1.0), ((), -0.5), ((), 0.5), (("A",), 0.0), (("D",), 0.0),
+                (("S",), 0.0), (("W",), -0.7), (("W",), 0.7), (("W", "A"), 0.0), (("W", "D"), 0.0))
+
+
+def explore_policy(world: World, rng: np.random.Generator, frames: int, jitter: float = 0.0) -> list[dict]:
+    """Walk the maze along corridor centre lines; see the module docstring.
+
+    ``jitter``: probability per 3 frames of a 3-6 frame "distractor" action (stop, turn,
+    strafe, back up, curve) after which the walk re-aims at its next cell. It makes the next
+    frames depend on the keys rather than on the motion already seen (world-model data)."""
     out: list[dict] = []
     pose = world.spawn.copy()
     heading = int(round(pose[2] / (math.pi / 2))) % 4
@@ -184,6 +196,12 @@ def explore_policy(world: World, rng: np.random.Generator, frames: int) -> list[
             tgt = math.atan2(ty - pose[1], tx - pose[0])
             if math.hypot(tx - pose[0], ty - pose[1]) < 0.12:
                 break
+            if jitter and rng.random() < jitter / 3:
+                keys, dx = _DISTRACTORS[int(rng.integers(len(_DISTRACTORS)))]
+                for _ in range(int(rng.integers(3, 7))):
+                    out.append(act(keys, dx))
+                    pose = world.move(pose, out[-1])
+                continue
             a = _turn_to(pose[2], tgt, walk=True)
             npose = world.move(pose, a)
             out.append(a)
@@ -212,6 +230,10 @@ def run_policy(name: str, world: World, rng: np.random.Generator, frames: int) -
         name = ("random", "human", "revisit")[int(rng.choice(3, p=[0.4, 0.4, 0.2]))]
     elif name == "explore-mix":
         name = ("explore", "human", "random")[int(rng.choice(3, p=[0.75, 0.1, 0.15]))]
+    elif name == "world-model":
+        name = ("explore-jitter", "human", "random")[int(rng.choice(3, p=[0.7, 0.1, 0.2]))]
+    if name == "explore-jitter":
+        return explore_policy(world, rng, frames, jitter=0.35)
     fn = {"random": random_policy, "human": human_policy, "revisit": revisit_policy,
           "scripted": scripted_policy, "explore": explore_policy}.get(name)
     if fn is None:
