@@ -93,7 +93,8 @@ def _read_index(index_path: str):
 
 
 # Files of a Wan2.1 / diffusers model directory that are not the DiT.
-_NOT_DIT = ("vae", "autoencoder", "t5", "umt5", "clip", "text_encoder", "tokenizer", "optimizer")
+_NOT_DIT = ("vae", "autoencoder", "t5", "umt5", "clip", "text_encoder", "tokenizer", "optimizer",
+            "teacher", "critic")   # a release folder also ships its teacher: never merged into the student
 
 
 def _read_dir(path: str):

@@ -159,3 +159,19 @@ def test_continuation_metric_runs_and_references_make_sense(tiny):
     assert math.isfinite(r["action_sensitivity_db"])
     with pytest.raises(ValueError, match="at least 2"):
         continuation(tiny, walks=1)
+
+
+def test_release_folder_with_teacher_loads_the_student(tmp_path):
+    """A release folder ships teacher.safetensors beside model.safetensors: loading the folder
+    must give the student, never a merge of the two."""
+    from streamgen.checkpoint import save_release
+    from streamgen.config import to_dict
+    p = Pipeline.from_pretrained("tiny-world", random_weights=True)
+    cfg = to_dict(p.config)
+    student = {k: v.clone() for k, v in p.model.state_dict().items()}
+    teacher = {k: v + 1.0 for k, v in student.items()}
+    save_release(str(tmp_path / "model.safetensors"), student, cfg)
+    save_release(str(tmp_path / "teacher.safetensors"), teacher, cfg)
+    got = Pipeline.from_pretrained(str(tmp_path))
+    for k, v in got.model.state_dict().items():
+        assert torch.equal(v, student[k]), k
