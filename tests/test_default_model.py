@@ -14,15 +14,15 @@ ROOT = SHIPPED["default"]
 ACTIONS = [{"keys": ["W"], "mouse": [0.0, 0.0]}, {"keys": [], "mouse": [0.5, 0.0]}, {"keys": ["A"], "mouse": [0.0, 0.0]}]
 
 
-def frames_of(pipe, n_chunks=3, seed=3):
-    s = pipe.session("a stone dungeon corridor lit by torches", seed=seed)
+def frames_of(pipe, n_chunks=3, seed=3, start=None):
+    s = pipe.session("a stone dungeon corridor lit by torches", seed=seed, start=start)
     return np.concatenate([s.step(ACTIONS[i % len(ACTIONS)]) for i in range(n_chunks)])
 
 
 def test_files_and_card():
-    for name in ("config.json", "model.safetensors", "autoencoder.safetensors", "MODEL_CARD.md"):
+    for name in ("config.json", "model.safetensors", "autoencoder.safetensors", "teacher.safetensors", "MODEL_CARD.md"):
         assert os.path.isfile(os.path.join(ROOT, name)), name
-    for name in ("model.safetensors", "autoencoder.safetensors"):
+    for name in ("model.safetensors", "autoencoder.safetensors", "teacher.safetensors"):
         assert os.path.getsize(os.path.join(ROOT, name)) <= 16 * 2**20
 
 
@@ -34,10 +34,14 @@ def test_default_streams_trained_frames():
     f = frames_of(pipe)
     k = d["chunk_frames"]
     assert f.dtype == np.uint8 and f.shape == (3 * k, d["height"], d["width"], 3)
-    # a decoded picture, not noise or a flat colour: textured, and neighbouring frames alike
-    assert f.std() > 10
+    # a decoded picture, not noise or a flat colour: some contrast, and neighbouring frames alike.
+    # (Release 3 is blurrier than release 2: std 6.5-8.5 here, see its model card; a flat
+    # colour is < 2.)
+    assert f.std() > 4
     assert np.abs(f[1:].astype(int) - f[:-1]).mean() < np.abs(f.astype(int) - f[::-1]).mean() + 40
     assert (frames_of(pipe) == f).all(), "same seed and actions must give the same frames"
+    w = frames_of(pipe, start="world")                 # the world model's usual opening
+    assert w.shape == f.shape and w.std() > 4 and not (w == f).all()
 
 
 def test_model_file_path_uses_its_autoencoder(tmp_path):
