@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 exec streamgen generate --model default --frames 96 --seed 0 \
-  --prompt "a stone dungeon corridor lit by torches" --out out/default.mp4 "$@"
+  --prompt "a brick dungeon at dusk, light haze" --out out/default.mp4 "$@"

@@ -1,32 +1,26 @@
 """streamgen demo [--model default] [--port 7860] [--host 127.0.0.1] [--device cpu] [--random-weights]
 
-The interactive Gradio demo: type a prompt, press Start, and the video appears frame by frame
-as the engine generates it chunk by chunk. The prompt can be switched mid-stream (the engine's
-prompt-switch policy; the stream does not restart). Models with an action space get W/A/S/D
-and turn buttons, keyboard capture (W/A/S/D move, arrow keys turn/look, drag on the video to
-turn) and every input is applied at the next chunk. A live readout shows generated fps, chunk
-latency, frames so far, device and attention backend; "Download MP4" writes what was generated.
+The interactive Gradio demo: type a prompt (or pick a look), press Start, and the video appears
+frame by frame as the engine generates it. Switch the prompt mid-stream (no restart); W/A/S/D,
+arrow keys, drag or the on-screen pad act at the next chunk. World models start from the world
+renderer's opening frames (or from noise) and show the world itself beside the model: the ground
+truth under the same look, seed and actions, frame for frame. A live readout shows fps, chunk
+latency, frames, device and attention backend; "Download MP4" writes what was generated.
 
     streamgen demo                                        # the shipped default model
     streamgen demo --model tiny-world --random-weights    # untrained, for plumbing/speed
-    python -m streamgen.server.demo --port 7861
 
-Design (see ``build_demo``):
+Design (see ``DemoApp.build``):
 
-* **Display component**: a plain ``gr.Image`` output updated by a generator event handler that
-  yields one numpy frame per video frame (PNG, nearest-neighbour upscaled so 64x64 frames are
-  visible). Every yield reaches the browser at once (~one PNG file per frame, a few ms), so
-  the first frame shows up one chunk after Start. ``gr.Video(streaming=True)`` was rejected:
-  it needs ffmpeg/ffprobe and plays HLS segments, which adds at least a segment (~1 s+) of
-  latency and buffers before playing; the image path needs neither and is frame-accurate.
-* **Per tab**: a ``gr.State`` holds a :class:`TabState` (inputs, prompt, the running
-  :class:`Stream`). Each stream owns an engine ``Session`` and a worker thread that generates
-  chunks ahead into a small bounded queue, while the event generator drains it paced to the
-  model's fps (or to the generation rate when that is slower), so playback looks like video.
-  The worker reads the tab's latest keys / turn / drag / pending prompt at every chunk boundary.
-* **Freeing**: a closed tab fires ``demo.unload`` (gradio's heartbeat disconnect), which stops
-  the tab's stream and frees its session; the state's ``delete_callback`` and an idle watchdog
-  (no frames pulled for ``idle_timeout`` s) are the backstops.
+* **Start-up**: ``main`` serves the page first and loads the model behind it (Start waits).
+* **Display**: a plain ``gr.Image`` fed by a generator event handler, one nearest-upscaled PNG
+  per video frame (no ffmpeg, frame-accurate; ``gr.Video(streaming=True)`` needs ffmpeg and
+  adds at least an HLS segment of latency).
+* **Per tab**: a ``gr.State`` holds a :class:`TabState` (inputs, the running :class:`Stream`).
+  A stream's worker thread generates chunks ahead into a small queue, reading the tab's inputs at
+  every chunk boundary; the event generator drains it paced to the model's fps.
+* **Freeing**: a closed tab fires ``demo.unload``; the state's ``delete_callback`` and an idle
+  watchdog (no frames pulled for ``idle_timeout`` s) are the backstops.
 """
 import argparse
 import json
@@ -39,35 +33,69 @@ import time
 
 import numpy as np
 
-DEFAULT_PROMPT = "a stone dungeon corridor lit by torches"
+from streamgen.cli import DEFAULT_PROMPT
+from streamgen.cli_args import OneLineParser, add_model_args
+
+from .demo_session import (DOWNLOADS, Stream, TabState, describe_config, look_prompt,  # noqa: F401
+                           upscale_factor)
+
 TURN_RATE = 0.5          # mouse dx/dy per chunk while an arrow key / turn button is held
-
 KEY_BUTTONS = ("W", "A", "S", "D")
+START_CHOICES = [("world renderer (the model continues from it)", "world"), ("noise", "noise")]
 
-from .demo_session import Stream, TabState  # noqa: E402  (Stream, TabState: re-exported)
+
+def _log(msg: str):
+    print(f"streamgen demo: {msg}", file=sys.stderr, flush=True)
+
+
+def user_error(msg: str):
+    """A toast in the page and one line in the terminal (no traceback)."""
+    import gradio as gr
+    _log(f"error shown in the page: {msg}")
+    return gr.Error(msg, print_exception=False)
 
 
 # --------------------------------------------------------------------------- app
 class DemoApp:
-    """Holds the pipeline and the live tabs; ``build`` makes the gr.Blocks."""
+    """Holds the pipeline (or waits for it) and the live tabs; ``build`` makes the gr.Blocks."""
 
-    def __init__(self, pipe, *, display_size: int = 384, idle_timeout: float = 60.0,
-                 max_sessions: int = 8, max_record_mb: float = 512.0, notice: str | None = None,
-                 default_prompt: str = DEFAULT_PROMPT):
+    def __init__(self, pipe=None, *, info: dict | None = None, display_size: int = 384,
+                 idle_timeout: float = 60.0, max_sessions: int = 8, max_record_mb: float = 512.0,
+                 notice: str | None = None, default_prompt: str = DEFAULT_PROMPT, card: str | None = None):
+        if pipe is None and info is None:
+            raise ValueError("DemoApp needs a pipeline or the info of the one being loaded")
         self.pipe = pipe
-        self.info = pipe.describe()
+        self.info = pipe.describe() if pipe is not None else dict(info)
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        if pipe is not None:
+            self.ready.set()
         self.pipe_lock = threading.Lock()       # one chunk at a time on the shared model
         self.display_size = int(display_size)
         self.idle_timeout = float(idle_timeout)
         self.max_sessions = int(max_sessions)
         self.max_record_bytes = int(max_record_mb * 2**20)
         self.notice = notice
+        self.card = card
         self.default_prompt = default_prompt
-        space = self.info["action_space"]
+        d = self.info
+        space = d["action_space"]
         self.has_actions = bool(space["keys"]) or bool(space["mouse"])
+        # the built-in world can render this model's ground truth (square world-sized frames)
+        self.world_model = self.has_actions and d["height"] == d["width"] and set(space["keys"]) <= set(KEY_BUTTONS)
         self.tabs: dict[str, TabState] = {}
         self.tabs_lock = threading.Lock()
         self.tmpdir = tempfile.mkdtemp(prefix="streamgen-demo-")
+
+    def set_pipeline(self, pipe, notice: str | None = None):
+        self.pipe = pipe
+        self.info = pipe.describe()
+        self.notice = self.notice or notice
+        self.ready.set()
+
+    def set_load_error(self, msg: str):
+        self.load_error = msg
+        self.ready.set()
 
     # helpers -----------------------------------------------------------------
     def active_streams(self) -> int:
@@ -96,17 +124,21 @@ class DemoApp:
         d = self.info
         s = tab.stream or tab.last_stream
         st = s.stats() if s is not None else None
-        state = status or ("streaming" if st and st["running"] else "stopped" if st else "idle")
+        state = status or ("streaming" if st and st["running"] else "stopped" if st else
+                           "idle" if self.ready.is_set() else "loading the model…")
         lines = [f"**status** {state}"]
         if st:
             ffl = "-" if st["first_frame_s"] is None else f"{st['first_frame_s']:.2f} s"
+            n_open = st["opening_frames"]
+            opening = (f"{n_open} opening frames from the {st['start_source']} + " if n_open else "")
             lines += [
                 f"**generated fps** {st['generated_fps']:.1f} ({st['realtime_x']:.2f}x real time at {d['fps']} fps)"
                 f" · **shown fps** {st['shown_fps']:.1f}",
                 f"**chunk latency** {st['chunk_latency_ms']:.0f} ms (avg {st['chunk_latency_avg_ms']:.0f} ms,"
                 f" {d['chunk_frames']} frames/chunk) · **first frame** {ffl}",
-                f"**frames so far** {st['frames_generated']} ({st['chunks']} chunks, {st['frames_shown']} shown)",
-                f"**seed** {st['seed']} · **prompt switches** {st['switches']}",
+                f"**frames so far** {st['frames']} ({opening}{st['frames_generated']} generated in "
+                f"{st['chunks']} chunks; {st['frames_shown']} shown)",
+                f"**seed** {st['seed']} · **start** {st['start_source']} · **prompt switches** {st['switches']}",
             ]
             if self.has_actions and st["last_action"] is not None:
                 a = st["last_action"]
@@ -118,35 +150,57 @@ class DemoApp:
                      + ("" if d["trained"] else " · **RANDOM WEIGHTS**"))
         return "  \n".join(lines)
 
+    def switch_status(self, tab: TabState, stream: Stream | None) -> str:
+        """The prompt line: queued while a switch waits for its chunk, then where it happened."""
+        if tab.pending_prompt is not None and stream is not None and stream.running:
+            return f"prompt switch queued for the next chunk: {tab.pending_prompt!r}"
+        if stream is not None and stream.switched_at is not None:
+            return f"prompt switched at frame {stream.switched_at}: {stream.prompt!r}"
+        return ""
+
     # event handlers ----------------------------------------------------------
-    def start(self, prompt, seed, tab, request=None):
-        """Generator: start a fresh stream for this tab and yield its frames paced to video rate."""
+    def _wait_ready(self, tab):
+        import gradio as gr
+        t0 = time.monotonic()
+        while not self.ready.wait(0.5):
+            yield (gr.skip(), gr.skip(), self.readout(tab, f"loading the model… {time.monotonic() - t0:.0f} s"),
+                   gr.skip(), tab)
+        if self.load_error:
+            raise user_error(f"the model failed to load: {self.load_error}")
+
+    def start(self, prompt, seed, tab, request=None, start="world"):
+        """Generator: start a fresh stream for this tab and yield its frames paced to video rate.
+        Yields (video, truth, readout, status, tab) updates."""
         import gradio as gr
         tab = self._tab(tab, request)
         prompt = (prompt or "").strip() or self.default_prompt
         try:
             seed = int(seed) if seed is not None and str(seed).strip() != "" else 0
         except (TypeError, ValueError):
-            raise gr.Error(f"seed must be an integer, got {seed!r}") from None
+            raise user_error(f"seed must be an integer, got {seed!r}") from None
+        if seed < 0:
+            raise user_error(f"seed must be >= 0, got {seed}")
+        start = start if self.world_model and start in ("world", "noise") else "noise"
+        yield from self._wait_ready(tab)
         if tab.stream is not None:
-            tab.close()
+            tab.close(wait=5.0)
         if self.active_streams() >= self.max_sessions:
-            raise gr.Error(f"the demo is at its limit of {self.max_sessions} concurrent streams; try again later")
+            raise user_error(f"the demo is at its limit of {self.max_sessions} concurrent streams; try again later")
         with tab._lock:
             tab.pending_prompt = None
             tab.pulses = []
         try:
-            stream = Stream(self, tab, prompt, seed)
+            stream = Stream(self, tab, prompt, seed, start=start)
         except Exception as e:       # bad prompt etc.
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
         tab.stream = tab.last_stream = stream
-        yield gr.skip(), self.readout(tab, "starting"), tab
+        yield gr.skip(), gr.skip(), self.readout(tab, "starting"), "", tab
         next_t = None
-        last_readout = 0.0
+        last_readout, last_status = 0.0, ""
         try:
             while tab.stream is stream and not stream.stop_evt.is_set():
                 try:
-                    frame, boundary = stream.q.get(timeout=0.1)
+                    frame, truth, boundary, _ = stream.q.get(timeout=0.1)
                 except queue.Empty:
                     stream.last_pull = time.monotonic()
                     if stream.done.is_set():
@@ -164,32 +218,39 @@ class DemoApp:
                     stream.shown_times.append(now)
                     if stream.first_frame_s is None:
                         stream.first_frame_s = time.perf_counter() - stream.t_start
-                if boundary or now - last_readout > 0.5:
+                img = self.upscale(frame)
+                gt = self.upscale(truth) if truth is not None and tab.show_truth else gr.skip()
+                status = self.switch_status(tab, stream)
+                if boundary or now - last_readout > 0.5 or status != last_status:
                     last_readout = now
-                    yield self.upscale(frame), self.readout(tab), gr.skip()
+                    st_out = status if status != last_status else gr.skip()
+                    last_status = status
+                    yield img, gt, self.readout(tab), st_out, gr.skip()
                 else:
-                    yield self.upscale(frame), gr.skip(), gr.skip()
+                    yield img, gt, gr.skip(), gr.skip(), gr.skip()
         finally:
             stream.stop()
             if tab.stream is stream:
                 tab.stream = None
+        stream.done.wait(5.0)                # the worker's last chunk is in (or dropped) before the count
         if stream.error is not None:
-            raise gr.Error(f"generation failed: {stream.stats()['error']}")
-        yield gr.skip(), self.readout(tab, "stopped"), gr.skip()
+            raise user_error(f"generation failed: {stream.stats()['error']}")
+        yield gr.skip(), gr.skip(), self.readout(tab, "stopped"), self.switch_status(tab, stream), gr.skip()
 
     def stop(self, tab, request=None):
         tab = self._tab(tab, request)
-        tab.close()
-        return self.readout(tab, "stopped")
+        s = tab.stream
+        tab.close(wait=5.0)
+        return self.readout(tab, "stopped"), self.switch_status(tab, s)
 
     def switch_prompt(self, prompt, tab, request=None):
-        import gradio as gr
         from streamgen.text import check_prompt
         tab = self._tab(tab, request)
         try:
-            prompt = check_prompt((prompt or "").strip() or self.default_prompt, self.pipe.config.max_prompt_chars)
+            prompt = check_prompt((prompt or "").strip() or self.default_prompt,
+                                  self.pipe.config.max_prompt_chars if self.pipe else 2000)
         except Exception as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(str(e)) from None
         if tab.stream is not None and tab.stream.running:
             tab.switch_prompt(prompt)
             return f"prompt switch queued for the next chunk: {prompt!r}"
@@ -218,18 +279,12 @@ class DemoApp:
         elif name == "right":
             tab.pulse({"mouse": [TURN_RATE, 0.0]})
 
-    def download(self, tab, request=None):
-        import gradio as gr
-        from streamgen.video import write_mp4
+    def download(self, tab, request=None, how: str = "nearest"):
+        """-> (path, label): the MP4 of the frames so far (opening frames first)."""
         tab = self._tab(tab, request)
         s = tab.stream or tab.last_stream
         if s is None:
-            raise gr.Error("nothing generated yet: press Start first")
-        with s.lock:
-            blocks = list(s.recorded)
-            n_gen = s.frames_generated
-        if not blocks:
-            raise gr.Error("nothing generated yet: wait for the first chunk")
+            raise user_error("nothing generated yet: press Start first")
         for old in os.listdir(self.tmpdir):          # gradio serves its own copy; drop stale ones
             fp = os.path.join(self.tmpdir, old)
             try:
@@ -237,9 +292,10 @@ class DemoApp:
                     os.remove(fp)
             except OSError:
                 pass
-        path = os.path.join(self.tmpdir, f"streamgen-seed{s.seed}-{n_gen}f-{int(time.time() * 1000)}.mp4")
-        write_mp4(path, blocks, fps=int(self.info["fps"]))
-        return path
+        try:
+            return s.write_mp4(self.tmpdir, how if how in DOWNLOADS else "nearest")
+        except ValueError as e:
+            raise user_error(str(e)) from None
 
     def unload(self, request=None):
         sh = getattr(request, "session_hash", None)
@@ -274,8 +330,8 @@ class DemoApp:
         space = d["action_space"]
         app = self
 
-        def start(prompt, seed, tab, request: gr.Request):
-            yield from app.start(prompt, seed, tab, request)
+        def start(prompt, seed, start_from, tab, request: gr.Request):
+            yield from app.start(prompt, seed, tab, request, start=start_from)
 
         def stop(tab, request: gr.Request):
             return app.stop(tab, request)
@@ -286,8 +342,9 @@ class DemoApp:
         def set_input(payload, tab, request: gr.Request):
             app.set_input(payload, tab, request)
 
-        def download(tab, request: gr.Request):
-            return gr.File(value=app.download(tab, request), visible=True)
+        def download(how, tab, request: gr.Request):
+            path, label = app.download(tab, request, how)
+            return gr.File(value=path, visible=True, label=label)
 
         def unload(request: gr.Request):
             app.unload(request)
@@ -295,45 +352,81 @@ class DemoApp:
         def new_seed():
             return int(np.random.randint(0, 2**31 - 1))
 
+        def show_truth(on, tab, request: gr.Request):
+            app._tab(tab, request).show_truth = bool(on)
+            return gr.Image(visible=bool(on))
+
         model_line = (f"model **{d['source']}** · {d['width']}×{d['height']} @ {d['fps']} fps · "
-                      f"{d['chunk_frames']} frames/chunk · {d['steps']} steps · device **{d['device']}** · "
-                      f"{d['dtype']} · attention **{d['attn_backend']}**")
+                      f"{d['chunk_frames']} frames/chunk · {d['steps']} steps")
+        n_open = d["chunk_frames"] if d["chunk_frames"] > 0 else 0
+        k = upscale_factor(d["height"], d["width"])
         with gr.Blocks(title=title, delete_cache=(60, 120)) as demo:
             tab = gr.State(TabState(), delete_callback=self.on_state_deleted)
             gr.Markdown(f"## streamgen — real-time streaming video\n{model_line}", elem_id="sg-title")
+            if self.card:
+                gr.Markdown(f"**What this model can and cannot do** (model card): {self.card}", elem_id="sg-card")
             if not d["trained"]:
                 msg = self.notice or "this model has random, untrained weights"
                 gr.HTML(f'<div id="sg-untrained">⚠ RANDOM WEIGHTS / untrained — {msg}. The frames only '
                         'exercise the engine (speed, plumbing); they are not a trained model\'s video.</div>')
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3, min_width=360):
-                    video = gr.Image(label="live video", type="numpy", format="png", interactive=False,
-                                     elem_id="sg-video", height=self.display_size + 40,
-                                     buttons=["fullscreen"], placeholder="press Start")
+                    with gr.Row(equal_height=True):
+                        video = gr.Image(label="model (live)", type="numpy", format="png", interactive=False,
+                                         elem_id="sg-video", height=self.display_size + 40,
+                                         buttons=["fullscreen"], placeholder="press Start")
+                        truth = gr.Image(label="ground truth (the world renderer)",
+                                         type="numpy", format="png", interactive=False, elem_id="sg-truth",
+                                         height=self.display_size + 40, buttons=["fullscreen"],
+                                         placeholder="the world's own rendering appears here",
+                                         visible=self.world_model)
+                    if self.world_model:
+                        gr.Markdown(f"**Opening frames**: with *start from: world renderer* the first {n_open} frames "
+                                    "come from the built-in world renderer (the prompt's look at the seed's spawn), "
+                                    "not from the model; the model continues from them. The right panel is the "
+                                    "world itself under the same look, seed and actions: the ground truth.",
+                                    elem_id="sg-start-note")
                     if self.has_actions:
                         gr.Markdown("**Controls** — hold **W/A/S/D** to move, **←/→** to turn (**↑/↓** look), "
-                                    "or **drag on the video** to turn; or hold the buttons below. "
-                                    "Inputs apply at the next chunk.", elem_id="sg-help")
+                                    "or **drag on the video** to turn; or hold the buttons below. Same keys on "
+                                    "`streamgen serve`'s page. Inputs apply at the next chunk.", elem_id="sg-help")
                         with gr.Row(elem_id="sg-pad"):
                             btn_left = gr.Button("⟲ turn left", elem_id="sg-turn-left", size="sm")
                             key_btns = {}
-                            for k in KEY_BUTTONS:
-                                if k in space["keys"]:
-                                    key_btns[k] = gr.Button(k, elem_id=f"sg-key-{k}", size="sm")
+                            for key in KEY_BUTTONS:
+                                if key in space["keys"]:
+                                    key_btns[key] = gr.Button(key, elem_id=f"sg-key-{key}", size="sm")
                             btn_right = gr.Button("turn right ⟳", elem_id="sg-turn-right", size="sm")
                 with gr.Column(scale=2, min_width=300):
                     prompt = gr.Textbox(value=self.default_prompt, label="prompt", lines=2, max_lines=4,
                                         elem_id="sg-prompt")
+                    if self.world_model:
+                        from streamgen.world.scene import THEMES, TIMES, WEATHERS, parse_prompt
+                        look = parse_prompt(self.default_prompt)
+                        with gr.Row(elem_id="sg-look"):
+                            pick = [gr.Dropdown(list(vals), value=getattr(look, name), label=name, min_width=90,
+                                                elem_id=f"sg-{name}")
+                                    for name, vals in (("theme", THEMES), ("time", TIMES), ("weather", WEATHERS))]
+                        gr.Markdown("The world models know these looks (6 themes × 4 times × 3 weathers); "
+                                    "picking one writes its prompt.", elem_id="sg-look-help")
                     with gr.Row():
                         switch_btn = gr.Button("Switch prompt (no restart)", elem_id="sg-switch", size="sm")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="seed", elem_id="sg-seed", minimum=0)
                         dice = gr.Button("random seed", size="sm", elem_id="sg-dice")
+                    start_from = gr.Radio(START_CHOICES, value="world" if self.world_model else "noise",
+                                          label="start from", elem_id="sg-start-from", visible=self.world_model)
+                    truth_on = gr.Checkbox(value=True, label="show the ground truth beside the model",
+                                           elem_id="sg-truth-on", visible=self.world_model)
                     with gr.Row():
                         start_btn = gr.Button("▶ Start", variant="primary", elem_id="sg-start")
                         stop_btn = gr.Button("■ Stop", variant="stop", elem_id="sg-stop")
                     status = gr.Markdown("", elem_id="sg-status")
                     readout = gr.Markdown(self.readout(TabState()), elem_id="sg-readout")
+                    sizes = ([(f"{k}× nearest ({d['width'] * k}×{d['height'] * k})", "nearest"),
+                              (f"{k}× Lanczos ({d['width'] * k}×{d['height'] * k})", "lanczos")] if k > 1 else [])
+                    how = gr.Radio(sizes + [(f"native ({d['width']}×{d['height']})", "native")],
+                                   value=sizes[0][1] if sizes else "native", label="MP4 size", elem_id="sg-mp4-size")
                     dl_btn = gr.Button("⬇ Download MP4 (frames so far)", elem_id="sg-download", size="sm")
                     mp4 = gr.File(label="MP4 of the frames so far", elem_id="sg-mp4", interactive=False, visible=False)
             # Page -> server input channel: the page JS stores its input state in window.__sgInput
@@ -341,17 +434,22 @@ class DemoApp:
             action_box = gr.Textbox(visible="hidden", elem_id="sg-input", label="input")
             send_btn = gr.Button("send input", visible="hidden", elem_id="sg-send")
 
-            start_btn.click(start, [prompt, seed, tab], [video, readout, tab], api_name="start",
-                            concurrency_limit=self.max_sessions, concurrency_id="sg-stream",
+            start_btn.click(start, [prompt, seed, start_from, tab], [video, truth, readout, status, tab],
+                            api_name="start", concurrency_limit=self.max_sessions, concurrency_id="sg-stream",
                             show_progress="hidden")
-            stop_btn.click(stop, [tab], [readout], api_name="stop", concurrency_limit=None,
+            stop_btn.click(stop, [tab], [readout, status], api_name="stop", concurrency_limit=None,
                            show_progress="hidden")
             switch_btn.click(switch, [prompt, tab], [status], api_name="switch_prompt",
                              concurrency_limit=None, show_progress="hidden")
             prompt.submit(switch, [prompt, tab], [status], api_visibility="private",
                           concurrency_limit=None, show_progress="hidden")
             dice.click(new_seed, None, [seed], api_visibility="private", queue=False)
-            dl_btn.click(download, [tab], [mp4], api_name="download_mp4", concurrency_limit=None)
+            dl_btn.click(download, [how, tab], [mp4], api_name="download_mp4", concurrency_limit=None)
+            truth_on.change(show_truth, [truth_on, tab], [truth], api_name="show_truth", concurrency_limit=None,
+                            show_progress="hidden")
+            if self.world_model:
+                for p in pick:
+                    p.input(look_prompt, pick, [prompt], api_visibility="private", queue=False)
             send_btn.click(set_input, [action_box, tab], None, api_name="set_input",
                            js="(p, t) => [window.__sgInput || p || '', t]",
                            concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")
@@ -390,84 +488,113 @@ def load_pipeline(model: str = "default", *, device: str = "cpu", attn_backend: 
                   config: str | None = None, fallback: bool = True):
     """Load a pipeline; returns (pipe, notice). ``default`` falls back to untrained tiny-world
     (with a loud notice) when the shipped model is not installed yet."""
-    from streamgen.pipeline import SHIPPED, Pipeline
-    notice = None
-    if (fallback and model == "default" and
-            not os.path.exists(os.path.join(SHIPPED["default"], "config.json"))):
-        notice = ("the shipped model 'default' is not installed (expected in "
-                  f"{SHIPPED['default']}); falling back to 'tiny-world' with random weights")
-        model, random_weights = "tiny-world", True
-    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attn_backend=attn_backend,
-                                    random_weights=random_weights, steps=steps, config=config)
-    if notice is None and not pipe.trained:
-        notice = f"'{model}' was loaded with --random-weights"
-    return pipe, notice
+    from streamgen.cli_args import load_pipeline as load
+    args = _parser().parse_args(["--model", model, "--device", device, "--attn-backend", attn_backend,
+                                 "--dtype", dtype] + (["--random-weights"] if random_weights else []))
+    args.steps, args.config = steps, config
+    return load(args, fallback=fallback)
 
 
 def build_demo(pipe_or_model_name, *, device: str = "cpu", attn_backend: str = "sdpa",
                random_weights: bool = False, display_size: int = 384, idle_timeout: float = 60.0,
                max_sessions: int = 8, max_record_mb: float = 512.0, notice: str | None = None,
                default_prompt: str = DEFAULT_PROMPT):
-    """The demo as a ``gr.Blocks`` for a loaded ``Pipeline`` or a model name/path.
-
-    Launch it with ``demo.queue().launch(server_name="127.0.0.1")``; the page JS/CSS are
-    installed by the page itself, so no launch arguments are needed.
-    """
+    """The demo as a ``gr.Blocks`` for a loaded ``Pipeline`` or a model name/path; serve it with
+    :func:`launch` (or ``demo.queue().launch(...)``: the page installs its own JS/CSS)."""
+    from streamgen.cli_args import model_card_line
     if isinstance(pipe_or_model_name, str):
-        pipe, auto_notice = load_pipeline(pipe_or_model_name, device=device, attn_backend=attn_backend,
-                                          random_weights=random_weights)
-        notice = notice or auto_notice
+        pipe, auto = load_pipeline(pipe_or_model_name, device=device, attn_backend=attn_backend,
+                                   random_weights=random_weights)
+        notice = notice or auto
     else:
         pipe = pipe_or_model_name
     app = DemoApp(pipe, display_size=display_size, idle_timeout=idle_timeout, max_sessions=max_sessions,
-                  max_record_mb=max_record_mb, notice=notice, default_prompt=default_prompt)
+                  max_record_mb=max_record_mb, notice=notice, default_prompt=default_prompt,
+                  card=model_card_line(pipe.source) if pipe.trained else None)
     return app.build()
 
 
+def launch(demo, host: str = "127.0.0.1", port: int | None = None, **kw):
+    """``demo.queue().launch(...)`` without blocking. Gradio's own probe of the local URL (one 3 s
+    request, meant to detect hosted notebooks) is skipped: on a loaded machine it fails and aborts."""
+    import inspect
+    kw = {"server_name": host, "server_port": port, "prevent_thread_lock": True, "quiet": True, **kw}
+    if "_frontend" in inspect.signature(demo.launch).parameters:
+        kw["_frontend"] = False
+    demo.queue(max_size=64).launch(**kw)
+    return demo
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="streamgen demo", description="Interactive Gradio demo (live streaming).")
-    ap.add_argument("--model", default="default",
-                    help="shipped model name, preset (with --random-weights) or checkpoint path (default: default)")
-    ap.add_argument("--port", type=int, default=7860)
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--attn-backend", default="sdpa", help="sdpa | triton | flex | xformers | flash | math")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: model's)")
-    ap.add_argument("--config", default=None, help="pipeline preset for checkpoints that carry no config")
-    ap.add_argument("--random-weights", action="store_true", help="random init (untrained; plumbing/speed only)")
-    ap.add_argument("--display-size", type=int, default=384, help="upscale small frames to about this many px")
-    ap.add_argument("--max-sessions", type=int, default=8, help="concurrent streams (browser tabs)")
-    ap.add_argument("--idle-timeout", type=float, default=60.0,
-                    help="free a stream whose tab stopped pulling frames for this long (s)")
-    ap.add_argument("--no-fallback", action="store_true",
-                    help="fail instead of falling back to untrained tiny-world when 'default' is missing")
+    ap = OneLineParser(prog="streamgen demo", description="Interactive Gradio demo (live streaming).")
+    add_model_args(ap)
+    g = ap.add_argument_group("demo")
+    g.add_argument("--port", type=int, default=7860, help="HTTP port")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt box's initial text")
+    g.add_argument("--display-size", type=int, default=384, help="upscale small frames to about this many px")
+    g.add_argument("--max-sessions", type=int, default=8, help="concurrent streams (browser tabs)")
+    g.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="free a stream whose tab stopped pulling frames for this long (s)")
+    g.add_argument("--no-fallback", action="store_true",
+                   help="fail instead of falling back to untrained tiny-world when 'default' is missing")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    import importlib.util
+    t0 = time.perf_counter()
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _log(f"starting: model {args.model} on {args.device}; the page comes up first, the model loads behind it")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")     # a local demo phones nobody
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gradio") is None:
         print("error: the demo needs gradio: pip install 'streamgen[demo]'", file=sys.stderr)
         return 2
-    pipe, notice = load_pipeline(args.model, device=args.device, attn_backend=args.attn_backend,
-                                 random_weights=args.random_weights, dtype=args.dtype, steps=args.steps,
-                                 config=args.config, fallback=not args.no_fallback)
-    if not pipe.trained:
+    from streamgen import cli_args
+    cli_args.check_model_args(args)
+    if not args.prompt.strip():
+        raise cli_args.ConfigError("--prompt is empty")
+    cli_args.quiet_libraries()
+    notice = None if args.no_fallback else cli_args.apply_fallback(args)
+    cfg = cli_args.peek_config(args)
+    if args.random_weights:
+        notice = notice or f"'{args.model}' was loaded with --random-weights"
+    app_kw = dict(display_size=args.display_size, idle_timeout=args.idle_timeout, max_sessions=args.max_sessions,
+                  notice=notice, default_prompt=args.prompt,
+                  card=None if args.random_weights else cli_args.model_card_line(args.model))
+    if cfg is None:                 # a checkpoint path: its config needs the file, so load first
+        _log(f"loading {args.model} …")
+        pipe, notice2 = cli_args.load_pipeline(args)
+        app = DemoApp(pipe, **{**app_kw, "notice": notice or notice2})
+    else:
+        info = describe_config(cfg, args.model, not args.random_weights, args.device, args.dtype, args.attn_backend)
+        app = DemoApp(None, info=info, **app_kw)
+    if notice:
         bar = "!" * 78
         print(f"{bar}\n!! RANDOM WEIGHTS / untrained: {notice}.\n!! The demo shows noise-like frames; "
               f"it only exercises the engine.\n{bar}", file=sys.stderr)
-    app = DemoApp(pipe, display_size=args.display_size, idle_timeout=args.idle_timeout,
-                  max_sessions=args.max_sessions, notice=notice)
+    _log("importing gradio …")
     demo = app.build()
+    launch(demo, args.host, args.port, show_error=True, footer_links=["api"])
+    _log(f"page up at http://{args.host}:{args.port} after {time.perf_counter() - t0:.1f} s"
+         + ("" if app.ready.is_set() else "; loading the model (Start waits for it) …"))
+    if not app.ready.is_set():
+        try:
+            pipe, _ = cli_args.load_pipeline(args)
+        except Exception as e:        # noqa: BLE001 - shown in the page and the terminal, one line
+            msg = str(e) if isinstance(e, cli_args.StreamgenError) else f"{type(e).__name__}: {e}"
+            app.set_load_error(msg)
+            print(f"error: {msg}", file=sys.stderr)
+            demo.close()
+            return 2
+        app.set_pipeline(pipe)
     d = app.info
-    print(f"streamgen demo: {d['source']} on {d['device']} ({d['dtype']}, attention {d['attn_backend']}) "
-          f"-> http://{args.host}:{args.port}", file=sys.stderr)
-    demo.queue(max_size=64).launch(server_name=args.host, server_port=args.port, show_error=True,
-                                   footer_links=["api"])
+    _log(f"ready after {time.perf_counter() - t0:.1f} s: {d['source']} on {d['device']} "
+         f"({d['dtype']}, attention {d['attn_backend']}) -> http://{args.host}:{args.port}  (Ctrl+C stops)")
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -2,12 +2,15 @@
 
 A :class:`TabState` holds one browser tab's latest inputs and its running :class:`Stream`; a
 stream owns an engine ``Session`` and a worker thread that generates chunks ahead into a small
-bounded queue, reading the tab's inputs at every chunk boundary.
+bounded queue, reading the tab's inputs at every chunk boundary. For world models the stream
+also steps the built-in world (:class:`streamgen.world.episodes.WorldSession`) with the same
+look, seed and actions: the ground truth shown beside the model, frame for frame.
 """
 from __future__ import annotations
 
 import collections
 import math
+import os
 import queue
 import threading
 import time
@@ -20,21 +23,72 @@ if TYPE_CHECKING:
     from .demo import DemoApp
 
 DRAG_GAIN = 2.0          # dragging across the full video width = mouse 2.0 (clamped to the range)
+START_SOURCES = {"world": "world renderer", "noise": "noise"}
+DOWNLOADS = ("nearest", "lanczos", "native")
+TIME_WORDS = {"dawn": "at dawn", "day": "in daylight", "dusk": "at dusk", "night": "at night"}
+WEATHER_WORDS = {"clear": "clear air", "hazy": "light haze", "foggy": "thick fog"}
+
+
+def look_prompt(theme: str, time_: str, weather: str) -> str:
+    """A prompt naming one of the world's looks (the world models were trained on these words)."""
+    return f"{'an' if theme[0] in 'aeiou' else 'a'} {theme} {TIME_WORDS[time_]}, {WEATHER_WORDS[weather]}"
+
+
+def describe_config(cfg, source: str, trained: bool, device: str, dtype: str, attn: str) -> dict:
+    """``Pipeline.describe()`` from a config, before the weights are loaded."""
+    return {"source": source, "trained": trained, "device": device, "dtype": dtype, "attn_backend": attn,
+            "height": cfg.height, "width": cfg.width, "fps": cfg.fps,
+            "chunk_frames": cfg.sampler.chunk_frames * cfg.temporal_stride,
+            "steps": len(cfg.sampler.denoising_steps), "action_space": cfg.model.actions.describe()}
+
+
+def upscale_factor(h: int, w: int, target: int = 256) -> int:
+    """Integer factor that brings a small frame to about ``target`` px (1 for big frames)."""
+    return max(1, target // max(h, w))
+
+
+def upscale(frames: np.ndarray, k: int, how: str = "nearest") -> np.ndarray:
+    """uint8 [T, H, W, 3] -> [T, kH, kW, 3] (nearest-neighbour or Lanczos)."""
+    if k <= 1 or how == "native":
+        return frames
+    if how == "nearest":
+        return np.repeat(np.repeat(frames, k, axis=1), k, axis=2)
+    from PIL import Image
+    h, w = frames.shape[1:3]
+    return np.stack([np.asarray(Image.fromarray(f).resize((w * k, h * k), Image.LANCZOS)) for f in frames])
 
 
 class Stream:
     """One running stream: an engine session, a generating worker thread and a frame queue."""
 
-    def __init__(self, app: "DemoApp", tab: "TabState", prompt: str, seed: int):
+    def __init__(self, app: "DemoApp", tab: "TabState", prompt: str, seed: int, start: str = "noise"):
+        from streamgen.cli import start_chunk_frames
+        from streamgen.text import check_prompt
+        if start not in START_SOURCES:
+            raise ValueError(f"start must be one of {', '.join(START_SOURCES)}, got {start!r}")
         self.app, self.tab = app, weakref.proxy(tab)
-        self.pipe = app.pipe
+        self.pipe = pipe = app.pipe
+        c = pipe.config
         self.seed = int(seed)
-        self.session = self.pipe.session(prompt, seed=self.seed)   # raises on a bad prompt
+        prompt = check_prompt(prompt, c.max_prompt_chars)          # raises on a bad prompt
+        self.start = start
+        self.start_source = START_SOURCES[start]
+        self.opening: np.ndarray | None = None
+        self.world = None                                           # the ground truth (world models)
+        if app.world_model:
+            from streamgen.world.episodes import WorldSession, opening_frames
+            if start == "world":
+                self.opening, self.world = opening_frames(prompt, self.seed, start_chunk_frames(pipe), c.height)
+            else:
+                self.world = WorldSession(prompt, self.seed, size=c.height, chunk=1, pose="view")
+        with app.pipe_lock:                                         # opening frames run the model
+            self.session = pipe.session(prompt, seed=self.seed, start=self.opening)
         self.prompt = self.session.prompt
         d = app.info
         self.fps = float(d["fps"])
         self.chunk_frames = int(d["chunk_frames"])
-        self.q: queue.Queue = queue.Queue(maxsize=max(2 * self.chunk_frames, 4))
+        self.n_open = 0 if self.opening is None else len(self.opening)
+        self.q: queue.Queue = queue.Queue(maxsize=max(2 * self.chunk_frames, 4, self.n_open + 1))
         self.stop_evt = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -47,14 +101,16 @@ class Stream:
         self.t_start = time.perf_counter()
         self.first_frame_s: float | None = None
         self.chunks = 0
-        self.frames_generated = 0
+        self.frames_generated = 0          # by the model (opening frames not included)
         self.frames_shown = 0
         self.last_latency = 0.0
         self.ema_latency: float | None = None
         self.gen_time = 0.0
         self.switches = 0
+        self.switched_at: int | None = None    # video frame of the last applied prompt switch
         self.last_action: dict | None = None
         self.actions: collections.deque = collections.deque(maxlen=256)   # (chunk, action) applied
+        self.chunk_actions: collections.deque = collections.deque(maxlen=4096)  # every chunk's action
         self.shown_times: collections.deque = collections.deque(maxlen=64)
         self.last_pull = time.monotonic()
         self.idle_released = False
@@ -63,41 +119,70 @@ class Stream:
         self.thread.start()
 
     # worker ------------------------------------------------------------------
+    def _world_action(self, action: dict) -> dict:
+        from streamgen.world.episodes import ACTION_SPACE
+        r = ACTION_SPACE.mouse_range
+        return {"keys": [k for k in action["keys"] if k in ACTION_SPACE.keys],
+                "mouse": [max(-r, min(r, float(m))) for m in action["mouse"]]}
+
+    def _emit(self, frames: np.ndarray, truth: np.ndarray | None, first_index: int) -> bool:
+        """Queue one chunk's frames (with their ground truth); False when the stream stopped."""
+        for i, f in enumerate(frames):
+            item = (f, None if truth is None else truth[i], i == 0, first_index + i)
+            while not self.stop_evt.is_set():
+                try:
+                    self.q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    if time.monotonic() - self.last_pull > self.app.idle_timeout:
+                        self.idle_released = True
+                        self.stop_evt.set()     # nobody is watching: free the session
+            if self.stop_evt.is_set():
+                return False
+        return True
+
     def _run(self):
         try:
+            if self.opening is not None:
+                with self.lock:
+                    self._record(self.opening)
+                if not self._emit(self.opening, self.opening, 0):
+                    return
             while not self.stop_evt.is_set():
                 action, prompt = self.tab.next_inputs()
                 if prompt is not None and prompt != self.session.prompt:
                     with self.app.pipe_lock:
                         self.session.set_prompt(prompt)
-                    self.prompt = self.session.prompt
-                    self.switches += 1
+                    if self.world is not None:
+                        self.world.set_prompt(prompt)
+                    with self.lock:
+                        self.prompt = self.session.prompt
+                        self.switches += 1
+                        self.switched_at = self.n_open + self.frames_generated
                 t0 = time.perf_counter()
                 with self.app.pipe_lock:
                     frames = self.session.step(action if self.app.has_actions else None)
                 dt = time.perf_counter() - t0
+                if self.stop_evt.is_set():      # stopped meanwhile: the chunk is neither shown nor recorded
+                    break
+                truth = None
+                if self.world is not None:
+                    self.world.chunk = len(frames)
+                    truth = self.world.step(self._world_action(action))
                 with self.lock:
+                    first = self.n_open + self.frames_generated
                     self.chunks += 1
                     self.frames_generated += len(frames)
                     self.last_latency = dt
                     self.gen_time += dt
                     self.ema_latency = dt if self.ema_latency is None else 0.7 * self.ema_latency + 0.3 * dt
                     self.last_action = action
+                    self.chunk_actions.append(action)
                     if action["keys"] or any(action["mouse"]):
                         self.actions.append((self.chunks - 1, action))
                     self._record(frames)
-                for i, f in enumerate(frames):
-                    item = (f, i == 0)
-                    while not self.stop_evt.is_set():
-                        try:
-                            self.q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            if time.monotonic() - self.last_pull > self.app.idle_timeout:
-                                self.idle_released = True
-                                self.stop_evt.set()     # nobody is watching: free the session
-                    if self.stop_evt.is_set():
-                        break
+                if not self._emit(frames, truth, first):
+                    break
         except ReferenceError:      # the tab state is gone
             pass
         except BaseException as e:  # surfaced to the tab by the event generator
@@ -119,7 +204,7 @@ class Stream:
     # control -----------------------------------------------------------------
     def stop(self, wait: float = 0.0):
         self.stop_evt.set()
-        if wait:
+        if wait and self.thread is not threading.current_thread():
             self.thread.join(wait)
 
     @property
@@ -133,6 +218,36 @@ class Stream:
             per = max(per, self.ema_latency / self.chunk_frames)
         return per
 
+    def recorded_frames(self) -> int:
+        with self.lock:
+            return sum(len(b) for b in self.recorded)
+
+    def write_mp4(self, folder: str, how: str = "nearest") -> tuple[str, str]:
+        """The frames so far (opening frames first) as an MP4 -> (path, what it holds)."""
+        from streamgen.video import write_mp4
+        if how not in DOWNLOADS:
+            raise ValueError(f"download size must be one of {', '.join(DOWNLOADS)}, got {how!r}")
+        with self.lock:
+            blocks = list(self.recorded)
+            dropped = self.dropped_from_recording
+        if not blocks:
+            raise ValueError("nothing generated yet: wait for the first chunk")
+        n = sum(len(b) for b in blocks)
+        h, w = blocks[0].shape[1:3]
+        k = 1 if how == "native" else upscale_factor(h, w)
+        how = "native" if k == 1 else how
+        tag = f"{w * k}x{h * k}" + ("" if how == "native" else f"-{how}")
+        path = os.path.join(folder, f"streamgen-seed{self.seed}-{n}f-{tag}-{int(time.time() * 1000)}.mp4")
+        write_mp4(path, (upscale(b, k, how) for b in blocks), fps=int(self.fps))
+        what = {"native": "native size", "nearest": f"{k}x nearest-neighbour upscale",
+                "lanczos": f"{k}x Lanczos upscale"}[how]
+        desc = f"MP4: {n} frames, {w * k}x{h * k} ({what})"
+        if self.n_open and not dropped:
+            desc += f"; frames 0-{self.n_open - 1} are the {self.start_source}'s opening frames"
+        if dropped:
+            desc += f"; the oldest {dropped} frames were dropped (recording limit)"
+        return path, desc
+
     def stats(self) -> dict[str, Any]:
         with self.lock:
             lat = self.ema_latency or 0.0
@@ -142,10 +257,13 @@ class Stream:
             return {
                 "running": self.running, "seed": self.seed, "prompt": self.prompt,
                 "chunks": self.chunks, "frames_generated": self.frames_generated,
+                "frames": self.n_open + self.frames_generated, "opening_frames": self.n_open,
+                "recorded_frames": sum(len(b) for b in self.recorded),
+                "start_source": self.start_source,
                 "frames_shown": self.frames_shown, "generated_fps": gen_fps, "shown_fps": shown_fps,
                 "chunk_latency_ms": 1000 * self.last_latency, "chunk_latency_avg_ms": 1000 * lat,
                 "first_frame_s": self.first_frame_s, "realtime_x": gen_fps / self.fps,
-                "switches": self.switches, "last_action": self.last_action,
+                "switches": self.switches, "switched_at": self.switched_at, "last_action": self.last_action,
                 "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
             }
 
@@ -165,6 +283,7 @@ class TabState:
         self.last_stream: Stream | None = None
         self.space: dict | None = None
         self.session_hash: str | None = None
+        self.show_truth = True             # the ground-truth panel (world models)
 
     def __deepcopy__(self, memo):
         # gr.State gives every browser session a deep copy of its initial value: a fresh tab.
@@ -209,8 +328,8 @@ class TabState:
         return {"keys": keys, "mouse": [round(m, 4) for m in mouse]}, prompt
 
     # lifecycle ---------------------------------------------------------------
-    def close(self):
+    def close(self, wait: float = 0.0):
         s, self.stream = self.stream, None
         if s is not None:
-            s.stop()
+            s.stop(wait)
             self.last_stream = s

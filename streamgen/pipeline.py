@@ -166,7 +166,9 @@ class Pipeline:
         c = self.config
         if c.height != c.width:
             raise ConfigError("start='world' needs a square model (the world renders square frames)")
-        return opening_frames(prompt, seed, c.sampler.chunk_frames * c.temporal_stride, size=c.height)[0]
+        k, ts = c.sampler.chunk_frames, c.temporal_stride
+        n = k if ts == 1 else 1 + ts * (k - 1)          # one chunk of video frames (stride-4 VAEs: 1 + 4(k-1))
+        return opening_frames(prompt, seed, n, size=c.height)[0]
 
     def describe(self) -> dict[str, Any]:
         c = self.config

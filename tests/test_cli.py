@@ -15,6 +15,17 @@ def run(*args, timeout=300):
                           timeout=timeout, env=env)
 
 
+def run_here(capsys, *args):
+    """The CLI in this process (no interpreter start-up): -> (exit code, stdout, stderr)."""
+    from streamgen.cli import main
+    try:
+        rc = main(list(args))
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 @pytest.mark.parametrize("frames", [1, 7, 20])
 def test_generate_writes_exact_frames(tmp_path, frames):
     out = tmp_path / "v.mp4"
@@ -57,6 +68,8 @@ def _bad(tmp_path):
     malformed.write_text('{"keys": ["W"]}\n{not json\n')
     wrong = tmp_path / "w.jsonl"
     wrong.write_text('{"keys": ["Q"]}\n')
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
     base = ["--frames", "3", "--out", str(tmp_path / "o.mp4")]
     return {
         "unknown preset": ["generate", "--model", "no-such-preset", *base],
@@ -68,16 +81,40 @@ def _bad(tmp_path):
         "corrupt pickle": ["generate", "--model", str(pickle), "--config", "tiny", *base],
         "bad backend": ["generate", "--model", "tiny", "--random-weights", "--attn-backend", "cudnn9", *base],
         "empty prompt": ["generate", "--model", "tiny", "--random-weights", "--prompt", "  ", *base],
+        "switch after the end": ["generate", "--model", "tiny", "--random-weights", "--frames", "8",
+                                 "--switch-prompt", "100:foo"],
+        "empty actions file": ["generate", "--model", "tiny-world", "--random-weights", "--actions", str(empty), *base],
+        "bad option value": ["generate", "--frames", "many"],
+        "world: wrong keys": ["world", "record", "--out", str(tmp_path / "r.mp4"), "--actions", str(wrong)],
+        "world: empty actions": ["world", "record", "--out", str(tmp_path / "r.mp4"), "--frames", "4",
+                                 "--actions", str(empty)],
     }
 
 
-def test_bad_input_one_clear_error(tmp_path):
+def test_bad_input_one_clear_error(tmp_path, capsys):
     for name, args in _bad(tmp_path).items():
-        r = run(*args)
-        assert r.returncode != 0, name
-        assert "Traceback" not in r.stderr, (name, r.stderr)
-        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-        assert len(lines) == 1, (name, r.stderr)
+        rc, _, err = run_here(capsys, *args)
+        assert rc == 2, (name, rc, err)                                # the same code for every bad input
+        assert "Traceback" not in err, (name, err)
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1, (name, err)
+        if name.startswith("world"):
+            assert "model" not in lines[0], lines[0]                  # the world has no model
+
+
+def test_bad_input_refused_before_loading(tmp_path, capsys):
+    """Prompt, --switch-prompt range, --start and the actions file are checked before the model loads:
+    the model named here does not exist, yet the error is about the input."""
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    base = ["generate", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o.mp4")]
+    cases = {"--prompt": ["--prompt", ""], "--switch-prompt": ["--frames", "8", "--switch-prompt", "100:foo"],
+             "actions file": ["--actions", str(empty)], "--start": ["--start", str(tmp_path / "x.png")]}
+    for want, extra in cases.items():
+        rc, _, stderr = run_here(capsys, *base, *extra)
+        assert rc == 2, stderr
+        err = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and "no-such-model" not in err[0], (want, stderr)
 
 
 def test_help_and_module_entry():

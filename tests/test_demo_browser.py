@@ -1,7 +1,9 @@
 """`streamgen demo` in a real browser: headless Chromium (Debian's `chromium`) over the DevTools
 protocol. The page auto-starts (``?autostart=1``), frames stream in, keyboard capture reaches the
 session (W held -> next chunk's action), a screenshot shows a non-blank video frame and the
-controls, and closing the tab frees the session.
+controls, the ground-truth panel shows the world beside the model, a prompt switch's "queued"
+line gives way to where it happened and does not outlive Stop, the MP4 holds the frames the
+readout counts, and closing the tab frees the session.
 
 Chromium is installed with apt when missing (root + apt-get); the test skips, saying why, only
 if that is impossible. Regenerate the README screenshot with:
@@ -33,7 +35,7 @@ from PIL import Image  # noqa: E402
 
 from streamgen.server import demo as demo_mod  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(420)      # generous: a loaded 2-core machine
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -106,6 +108,7 @@ def free_port() -> int:
 
 
 def wait_for(cond, timeout=20.0, every=0.1):
+    timeout *= 2                     # generous: the suite runs on a loaded 2-core machine
     t = time.monotonic()
     while time.monotonic() - t < timeout:
         v = cond()
@@ -126,7 +129,7 @@ def server():
     # the idle watchdog is the backstop when gradio's unload is slow to arrive on a loaded machine
     demo = demo_mod.build_demo(pipe, notice=notice, idle_timeout=20.0)
     port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo_mod.launch(demo, "127.0.0.1", port)
     yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -222,6 +225,42 @@ def test_browser_streams_keys_screenshot_and_close(server, browser):
         region = img[y0 + 4:y0 + h - 4, x0 + 4:x0 + w - 4]
         assert region.size and region.std() > 5, "the video region of the screenshot is blank"
         assert len(np.unique(region.reshape(-1, 3)[::7], axis=0)) > 20, "the video region is flat"
+
+        # ground truth beside the model: the world renderer's own frames, not blank, not the model's
+        assert page.eval("(() => { const i = document.querySelector('#sg-truth img');"
+                         " return !!(i && i.complete && i.naturalWidth >= 64); })()"), "no ground-truth panel"
+        tbox = page.eval("(() => { const r = document.querySelector('#sg-truth img').getBoundingClientRect();"
+                         " return [r.x, r.y, r.width, r.height]; })()")
+        tx, ty, tw, th = (int(round(v)) for v in tbox)
+        truth = img[ty + 4:ty + th - 4, tx + 4:tx + tw - 4]
+        assert tw >= 200 and truth.std() > 5 and tx >= x0 + w - 4, "the ground truth is not shown beside the model"
+        assert stream.world is not None and stream.start_source == "world renderer"
+        assert "world renderer" in page.eval("document.querySelector('#sg-start-note').innerText")
+
+        # prompt switch: "queued" until the chunk applies it, then where it happened; gone after Stop
+        page.eval("(() => { const t = document.querySelector('#sg-prompt textarea'); t.value = 'an ice cave at night';"
+                  " t.dispatchEvent(new Event('input', {bubbles: true})); })()")
+        time.sleep(0.5)
+        page.eval("document.querySelector('#sg-switch').click()")
+        status = "document.querySelector('#sg-status').innerText"
+        assert wait_for(lambda: "switched at frame" in (page.eval(status) or ""), 60), page.eval(status)
+        assert "queued" not in page.eval(status)
+        page.eval("document.querySelector('#sg-stop').click()")
+        readout = "document.querySelector('#sg-readout').innerText"
+        assert wait_for(lambda: "status stopped" in (page.eval(readout) or ""), 60), page.eval(readout)
+        time.sleep(1.0)
+        assert "queued" not in page.eval(status)
+        frames = int(page.eval(readout).split("frames so far")[1].split()[0])
+        page.eval("document.querySelector('#sg-download').click()")
+        label = "(() => { const e = document.querySelector('#sg-mp4'); return e ? e.innerText : ''; })()"
+        assert wait_for(lambda: "MP4:" in (page.eval(label) or ""), 60), page.eval(label)
+        assert f"MP4: {frames} frames, 256x256" in page.eval(label), (frames, page.eval(label))
+        assert stream.recorded_frames() == frames
+        # and it streams again
+        page.eval("document.querySelector('#sg-start').click()")
+        assert wait_for(lambda: tab.stream is not None and tab.stream is not stream
+                        and tab.stream.frames_shown >= 3, 90), "Start after Stop did not stream"
+        stream = tab.stream
 
         # closing the tab frees its session (gradio unload on heartbeat disconnect)
         sh = tab.session_hash

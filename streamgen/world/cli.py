@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 from ..actions import load_actions_jsonl
-from ..errors import StreamgenError
+from ..cli_args import HelpFormatter
+from ..errors import ActionError, StreamgenError
 from .policies import POLICIES
 
 
@@ -29,8 +30,18 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*a, **kw)
+
     def error(self, message):  # one line, no usage dump
         raise _UsageError(message)
+
+
+def _world_words(message: str) -> str:
+    """The shared action validator speaks of "the model"; here the actions drive the world."""
+    return (message.replace("the model's action space", "the world's action space")
+            .replace("this model declares", "the world has"))
 
 
 def _size(text: str) -> int:
@@ -57,26 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="streamgen world", description="Procedural ground-truth world.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("record", help="render an episode to MP4")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="world layout (and the default look)")
     r.add_argument("--frames", type=_positive, default=None, help="frames (default: actions file length, else 64)")
     r.add_argument("--out", required=True, help="output .mp4")
     r.add_argument("--actions", default=None, help="JSONL actions, one per frame")
     r.add_argument("--prompt", default=None, help="text that sets the look (default: the seed's scene)")
     r.add_argument("--policy", default="human", choices=POLICIES, help="action policy without --actions")
-    r.add_argument("--size", type=_size, default=64)
-    r.add_argument("--fps", type=_positive, default=16)
+    r.add_argument("--size", type=_size, default=64, help="frame side in pixels (even, 16..256)")
+    r.add_argument("--fps", type=_positive, default=16, help="video frame rate of the MP4")
     r.add_argument("--json", action="store_true", help="print a JSON report")
     d = sub.add_parser("dataset", help="write training shards")
-    d.add_argument("--out", required=True)
-    d.add_argument("--clips", type=_positive, required=True)
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--clips", type=_positive, required=True, help="number of clips")
     d.add_argument("--frames", type=_positive, default=32, help="frames per clip")
-    d.add_argument("--size", type=_size, default=64)
+    d.add_argument("--size", type=_size, default=64, help="frame side in pixels (even, 16..256)")
     d.add_argument("--seed", type=int, default=0, help="clip i uses world seed SEED+i")
-    d.add_argument("--policy", default="mixed", choices=POLICIES)
-    d.add_argument("--clips-per-shard", type=_positive, default=64)
-    d.add_argument("--compress", default="zip", choices=("zip", "none"))
-    d.add_argument("--progress", default="bar", choices=("bar", "none"))
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--policy", default="mixed", choices=POLICIES, help="action policy of the clips")
+    d.add_argument("--clips-per-shard", type=_positive, default=64, help="clips per .npz shard")
+    d.add_argument("--compress", default="zip", choices=("zip", "none"), help="shard compression")
+    d.add_argument("--progress", default="bar", choices=("bar", "none"), help="progress bar on stderr")
+    d.add_argument("--json", action="store_true", help="print a JSON report")
     return p
 
 
@@ -86,9 +97,13 @@ def _record(args) -> dict:
 
     actions = None
     if args.actions:
-        actions = load_actions_jsonl(args.actions, ACTION_SPACE)
-        if not actions and args.frames is None:
-            raise StreamgenError(f"actions file {args.actions} is empty")
+        try:
+            actions = load_actions_jsonl(args.actions, ACTION_SPACE)
+        except ActionError as e:
+            raise StreamgenError(_world_words(str(e))) from None
+        if not actions:
+            raise StreamgenError(f"actions file {args.actions} is empty: give one JSON action per line, "
+                                 '{"keys": ["W"], "mouse": [0, 0]}, or leave --actions out (then --policy acts)')
     n = args.frames or (len(actions) if actions else 64)
     padded = 0
     if actions is not None and len(actions) < n:
@@ -130,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (StreamgenError, ValueError) as e:
+    except (StreamgenError, ValueError) as e:      # bad input: exit 2, like every streamgen command
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
