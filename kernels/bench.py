@@ -1,6 +1,7 @@
 """Attention benchmark: TFLOP/s and time per call of every available backend, as JSON.
 
-    python -m streamgen.kernels.bench [--json] [--quick] [--dtypes bf16,fp16] [--out FILE]
+    python -m streamgen.kernels.bench [--json] [--quick] [--shapes auto|tiny|quick|full]
+                                      [--dtypes bf16,fp16] [--budget SECONDS] [--out FILE]
 
 GPU (full): Wan2.1-1.3B shapes, 12 heads x 128, streaming Lq = 4680 (3-frame chunk) and
 1560 (frame-wise) against Lk = 4680 .. 32760 cached keys (3-frame sink included), bf16 and
@@ -9,6 +10,10 @@ query-key pairs: 4 * pairs * D forward, 2.5x that for the backward.
 
 CPU (no GPU): a tiny quick mode under the Triton interpreter so CI can smoke the script and
 the JSON shape; its timings say nothing about GPU speed ("timings_meaningful": false).
+
+``--budget S``: no new measurement starts after S seconds (the rest are rows with
+``"skipped"``), so a caller with a hard time cap still gets its JSON. With ``--out`` the file
+is rewritten after every row (a killed run leaves what it measured).
 """
 from __future__ import annotations
 
@@ -94,7 +99,24 @@ def stream_backends(cuda: bool):
     return b
 
 
-def bench_stream(cfgs, dtypes, cuda, reps, dev):
+class Budget:
+    """Soft time budget shared by the loops; ``on_row`` is called after every row."""
+
+    def __init__(self, seconds=None, on_row=None):
+        self.deadline = None if seconds is None else time.time() + seconds
+        self.on_row = on_row or (lambda rows: None)
+        self.rows = []
+
+    def over(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    def add(self, row):
+        self.rows.append(row)
+        self.on_row(self.rows)
+
+
+def bench_stream(cfgs, dtypes, cuda, reps, dev, budget=None):
+    budget = budget or Budget()
     rows = []
     for dtype in dtypes:
         for B, H, D, Lq, Lk in cfgs:
@@ -109,6 +131,11 @@ def bench_stream(cfgs, dtypes, cuda, reps, dev):
             for name, fn in stream_backends(cuda).items():
                 row = dict(kernel="stream", backend=name, dtype=str(dtype).split(".")[-1],
                            B=B, H=H, D=D, Lq=Lq, Lk=Lk, visible_pairs=B * Lq * Lk)
+                if budget.over():
+                    row["skipped"] = "time budget"
+                    rows.append(row)
+                    budget.add(row)
+                    continue
                 try:
                     out = fn(q, k, v, valid, kr)
                     if out is None:
@@ -121,11 +148,13 @@ def bench_stream(cfgs, dtypes, cuda, reps, dev):
                 except Exception as e:   # a backend that cannot run is reported, not fatal
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 rows.append(row)
+                budget.add(row)
     return rows
 
 
-def bench_block_causal(cfgs, dtypes, cuda, reps, dev):
+def bench_block_causal(cfgs, dtypes, cuda, reps, dev, budget=None):
     from streamgen.kernels.block_causal import block_causal_attention
+    budget = budget or Budget()
     rows = []
     backends = {"triton": lambda q, k, v, m: block_causal_attention(q, k, v, m),
                 "sdpa-dense-mask": lambda q, k, v, m: attention(q, k, v, m, backend="sdpa")}
@@ -144,6 +173,11 @@ def bench_block_causal(cfgs, dtypes, cuda, reps, dev):
                     row = dict(kernel="block_causal", backend=name, phase=phase, dtype=str(dtype).split(".")[-1],
                                B=B, H=H, D=D, frames=frames, tokens_per_frame=T, chunk_frames=chunk,
                                sink_frames=sink, window_frames=window, visible_pairs=B * pairs)
+                    if budget.over():
+                        row["skipped"] = "time budget"
+                        rows.append(row)
+                        budget.add(row)
+                        continue
                     try:
                         if phase == "fwd":
                             def call():
@@ -162,25 +196,37 @@ def bench_block_causal(cfgs, dtypes, cuda, reps, dev):
                     except Exception as e:
                         row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                     rows.append(row)
+                    budget.add(row)
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print only the JSON document")
     ap.add_argument("--quick", action="store_true", help="few shapes (always on without a GPU)")
+    ap.add_argument("--shapes", default="auto", choices=["auto", "tiny", "quick", "full"],
+                    help="auto: full on a GPU (quick with --quick), tiny without one")
     ap.add_argument("--dtypes", default="bf16,fp16")
-    ap.add_argument("--out", default=None, help="also write the JSON here")
-    args = ap.parse_args(argv)
+    ap.add_argument("--budget", type=float, default=None, help="seconds after which no measurement starts")
+    ap.add_argument("--out", default=None, help="also write the JSON here (rewritten after every row)")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    quick = args.quick or not cuda
+    shapes = args.shapes
+    if shapes == "auto" or not cuda:      # without a GPU only the tiny interpreter shapes run
+        shapes = "tiny" if not cuda else "quick" if args.quick else "full"
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     if not cuda:
-        dtypes = [torch.float16]        # interpreter: fp16/fp32 only (bf16 dots are emulated)
+        # interpreter: fp16/fp32 only (bf16 dots are emulated there, so bf16 says nothing)
+        dtypes = [d for d in dtypes if d != torch.bfloat16] or [torch.float16]
+    if shapes == "tiny":
         stream_cfgs = [(1, 2, 32, 24, 56)]
         bc_cfgs = [(1, 2, 32, 4, 12, 2, 1, 2)]
-    elif quick:
+    elif shapes == "quick":
         stream_cfgs = [(1, 12, 128, 3 * WAN_T, 9 * WAN_T), (1, 12, 128, WAN_T, 21 * WAN_T)]
         bc_cfgs = [(1, 12, 128, 21, WAN_T, 3, 0, -1)]
     else:
@@ -189,24 +235,37 @@ def main(argv=None):
                    (1, 12, 128, 21, WAN_T, 1, 3, 9)]
     reps = 1 if not cuda else 0
     t0 = time.time()
-    figures = bench_stream(stream_cfgs, dtypes, cuda, reps, dev) + bench_block_causal(bc_cfgs, dtypes, cuda, reps, dev)
     import triton
-    doc = dict(
-        command=" ".join([os.path.basename(sys.executable), "-m", "streamgen.kernels.bench"] + sys.argv[1:]),
-        machine=dict(host=socket.gethostname(), platform=platform.platform(), cpus=os.cpu_count(),
-                     python=platform.python_version()),
-        device=torch.cuda.get_device_name() if cuda else "cpu (triton interpreter)",
-        torch=torch.__version__, triton=triton.__version__,
-        mode="full" if not quick else "quick", timings_meaningful=cuda,
-        flops_rule="4*visible_pairs*D forward; fwd+bwd = 3.5x forward",
-        wall_s=round(time.time() - t0, 2), figures=figures)
+    argv_txt = sys.argv[1:] if argv is None else list(argv)
+
+    def document(figures, complete):
+        return dict(
+            command=" ".join([os.path.basename(sys.executable), "-m", "streamgen.kernels.bench"] + argv_txt),
+            machine=dict(host=socket.gethostname(), platform=platform.platform(), cpus=os.cpu_count(),
+                         python=platform.python_version()),
+            device=torch.cuda.get_device_name() if cuda else "cpu (triton interpreter)",
+            torch=torch.__version__, triton=triton.__version__,
+            mode=shapes, timings_meaningful=cuda, complete=complete,
+            flops_rule="4*visible_pairs*D forward; fwd+bwd = 3.5x forward",
+            wall_s=round(time.time() - t0, 2), figures=figures)
+
+    def write(doc):
+        if args.out:
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(json.dumps(doc) + "\n")
+            os.replace(tmp, args.out)
+
+    budget = Budget(args.budget, on_row=lambda rows: write(document(list(rows), False)))
+    bench_stream(stream_cfgs, dtypes, cuda, reps, dev, budget)
+    bench_block_causal(bc_cfgs, dtypes, cuda, reps, dev, budget)
+    figures = budget.rows
+    doc = document(figures, True)
     text = json.dumps(doc, indent=None if args.json else 2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write(doc)
     if not args.json:
         for r in figures:
-            what = r.get("error") or f"{r['ms']:.4g} ms  {r['tflops']:.4g} TFLOP/s"
+            what = r.get("error") or r.get("skipped") or f"{r['ms']:.4g} ms  {r['tflops']:.4g} TFLOP/s"
             if r["kernel"] == "stream":
                 shape = f"Lq={r['Lq']} Lk={r['Lk']}"
             else:

@@ -343,7 +343,9 @@ class StudentStage(LatentStage):
         self.teacher = frozen(load_dit(self.pcfg, cfg.teacher, dist))
         init = cfg.teacher if cfg.init in ("", "teacher") else cfg.init
         gmod = load_dit(self.pcfg, init, dist)
-        if self.ckpt_act:
+        if self.ckpt_act and cfg.stage not in ("dmd", "teacher_forcing", "diffusion_forcing"):
+            # not in cache rollouts: a recomputed block would read the cache's index tensors of a
+            # later chunk (wrong gradients, found by benchmarks/gpu's rehearsal)
             enable_grad_checkpointing(gmod)
         self.mods["generator"] = dist.prepare(gmod)
         self.opts["generator"] = adamw(gmod.parameters(), cfg.optim)
