@@ -102,10 +102,10 @@ def continuation(gen, walks: int = 4, chunks: int = 8, seed: int = 900000, progr
         true = w["frames"][k:]
         other = ws[(i + 1) % walks]["actions"]
         preds = {"model": _model_run(gen, w, w["actions"], k, chunks, seed + i)}
-        if bar:
+        if bar is not None:
             bar.update(1)
         preds["shuffled"] = _model_run(gen, w, w["actions"][:k] + other[k:], k, chunks, seed + i)
-        if bar:
+        if bar is not None:
             bar.update(1)
         made += 2 * k * chunks
         preds["copy_last"] = np.repeat(w["frames"][k - 1:k], k * chunks, axis=0)
@@ -115,7 +115,7 @@ def continuation(gen, walks: int = 4, chunks: int = 8, seed: int = 900000, progr
                 sl = slice(j * k, (j + 1) * k)
                 P[m][i, j] = psnr(preds[m][sl], true[sl])
                 S[m][i, j] = ssim(preds[m][sl], true[sl])
-    if bar:
+    if bar is not None:
         bar.close()
     out = {"walks": walks, "chunks": chunks, "chunk_frames": k, "seeds": [seed + 700 + i for i in range(walks)],
            "gen_fps": made / max(time.perf_counter() - t0, 1e-9)}

@@ -140,9 +140,9 @@ def _as_frames(out) -> np.ndarray:
 class Rollouts:
     """Runs scripts on the model and replays them on the world; accumulates generation time."""
 
-    def __init__(self, gen, start: str = "noise"):
+    def __init__(self, gen, start: str = "noise", tick=None):
         self.gen, self.gt = gen, GroundTruthGenerator(fps=int(getattr(gen.config, "fps", 16)))
-        self.start = start
+        self.start, self.tick = start, tick
         self.gen_frames, self.gen_seconds = 0, 0.0
 
     def open(self, gen, prompt, seed):
@@ -166,6 +166,8 @@ class Rollouts:
         self.gen_frames += n
         gen = _to_eval(np.concatenate(frames)[:n])
         executed = executed[:n]
+        if self.tick:
+            self.tick(n)
         return gen, self.replay(prompt, seed, executed, switch_prompt, switched), executed, switched
 
     def replay(self, prompt, seed, executed, switch_prompt=None, switched=None) -> np.ndarray:
@@ -267,13 +269,14 @@ def _fd_floor(ev, S, gt_feats) -> float:
     return M.frechet_distance(np.concatenate(gt_feats), np.concatenate(other))
 
 
-def _drift(gen, ev, S) -> dict:
+def _drift(gen, ev, S, bar=None) -> dict:
     fps = int(getattr(gen.config, "fps", 16))
     n, win = int(round(max(S.drift_seconds) * fps)), max(int(round(S.drift_window * fps)), 8)
     n_win = max(n // win, 1)
     gen_w = [[] for _ in range(n_win)]
     gt_w = [[] for _ in range(n_win)]
     t0, made = time.perf_counter(), 0
+    prog = bar(total=S.drift_rollouts * n_win * win, desc="drift frames", unit="frame") if bar else None
     for r in range(S.drift_rollouts):
         seed = S.seed + 300 + r
         _, prompt = scene_for(seed)
@@ -286,6 +289,8 @@ def _drift(gen, ev, S) -> dict:
             a = script[k]                          # in force for every frame of this step
             out = _as_frames(sess.step(a))
             made += out.shape[0]
+            if prog is not None:
+                prog.update(min(out.shape[0], n_win * win - k))
             for f in out[: n_win * win - k]:
                 buf_g.append(f)
                 buf_t.append(gts.step(a)[0])
@@ -294,6 +299,8 @@ def _drift(gen, ev, S) -> dict:
                     gen_w[k // win - 1].append(ev.encoder.features(_to_eval(np.stack(buf_g)), stride=2))
                     gt_w[k // win - 1].append(ev.encoder.features(np.stack(buf_t), stride=2))
                     buf_g, buf_t = [], []
+    if prog is not None:
+        prog.close()
     curve = []
     for i in range(n_win):
         curve.append({"t0": i * win / fps, "t1": (i + 1) * win / fps,
@@ -349,7 +356,8 @@ def run_suite(gen, settings: EvalSettings | None = None, evaluators: Evaluators 
         raise ValueError(f"start must be 'noise' or 'world', got {S.start!r}")
     ev = evaluators or Evaluators.load()
     log = progress or (lambda msg: None)
-    R = Rollouts(gen, S.start)
+    prog = bar(desc="rollout frames", unit="frame") if bar else None
+    R = Rollouts(gen, S.start, tick=prog.update if prog is not None else None)
     feats = {"gen": [], "gt": []}
     res: dict = {}
     t0 = time.perf_counter()
@@ -366,7 +374,7 @@ def run_suite(gen, settings: EvalSettings | None = None, evaluators: Evaluators 
                            "windows": int(sum(len(f) for f in feats["gen"]))}
     if "drift" in S.metrics:
         log("drift rollout")
-        res["drift"] = _drift(gen, ev, S)
+        res["drift"] = _drift(gen, ev, S, bar)
     if "switch" in S.metrics:
         log("prompt switch rollouts")
         res["prompt_switch"] = _prompt_switch(R, ev, S)
@@ -378,6 +386,8 @@ def run_suite(gen, settings: EvalSettings | None = None, evaluators: Evaluators 
                                                progress=bar)
         elif len(S.metrics) == 1:
             raise ValueError("the continuation metric needs a streamgen Pipeline (a model), not a reference")
+    if prog is not None:
+        prog.close()
     if "action" not in S.metrics:
         res.pop("action_following", None)       # rollouts were only needed for World-FD
     if "revisit" not in S.metrics:
