@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from streamgen.attention import FrameMask as BlockCausal   # the mask structure (triton-free)
+from streamgen.masks import FrameMask as BlockCausal   # the mask structure (a torch-only leaf module)
 
 from ._common import SUPPORTED_DTYPES, dot_f32, head_block, interpreting, runnable
 
@@ -320,13 +320,8 @@ class _BlockCausalFn(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def block_causal_attention(q, k, v, structure: BlockCausal | None = None, mode: str = "block_causal",
-                           block: tuple[int, int] | None = None):
-    """Attention q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D], differentiable.
-
-    mode "block_causal" needs ``structure`` (Lq == Lk == structure.length); mode "full" is
-    unmasked. Returns None when the call is outside what the kernel supports.
-    """
+def supports(q, k, v, structure: BlockCausal | None = None, mode: str = "block_causal") -> bool:
+    """Whether :func:`block_causal_attention` runs this call (False: it would return None)."""
     if mode not in ("block_causal", "full"):
         raise ValueError(f"mode must be 'block_causal' or 'full', got {mode!r}")
     B, Lq, H, D = q.shape
@@ -334,13 +329,20 @@ def block_causal_attention(q, k, v, structure: BlockCausal | None = None, mode: 
     if (q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or D % 2
             or k.shape != (B, Lk, H, D) or v.shape != k.shape or not runnable(q, k, v)
             or B * H * Lq * Lk == 0):
+        return False
+    return mode == "full" or (structure is not None and Lq == Lk == structure.length)
+
+
+def block_causal_attention(q, k, v, structure: BlockCausal | None = None, mode: str = "block_causal",
+                           block: tuple[int, int] | None = None):
+    """Attention q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D], differentiable.
+
+    mode "block_causal" needs ``structure`` (Lq == Lk == structure.length); mode "full" is
+    unmasked. Returns None when the call is outside what the kernel supports (:func:`supports`).
+    """
+    if not supports(q, k, v, structure, mode):
         return None
-    if mode == "block_causal":
-        if structure is None or not (Lq == Lk == structure.length):
-            return None
-    else:
-        structure = None
-    return _BlockCausalFn.apply(q, k, v, structure, block)
+    return _BlockCausalFn.apply(q, k, v, structure if mode == "block_causal" else None, block)
 
 
 def reference(q, k, v, structure: BlockCausal | None = None, dtype=None):

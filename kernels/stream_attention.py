@@ -137,15 +137,8 @@ def _rope_ok(rope, B, L, D, dev):
                for t in (cos, sin))
 
 
-def stream_attention(q, k_cache, v_cache, key_valid=None, k_rope=None, q_rope=None,
-                     block: tuple[int, int] | None = None):
-    """Chunk queries q [B, Lq, H, D] against cache k/v [B, S, H, D] -> [B, Lq, H, D].
-
-    key_valid: [B, S] bool (None = every slot visible). k_rope/q_rope: optional (cos, sin)
-    fp32 [B, S, D/2] / [B, Lq, D/2]. block: (BLOCK_M, BLOCK_N) to pin the tiles (tests);
-    default autotunes on a GPU and uses ``INTERPRETER_BLOCK`` in the interpreter.
-    Returns None when the call is outside what the kernel supports (caller falls back).
-    """
+def supports(q, k_cache, v_cache, key_valid=None, k_rope=None, q_rope=None) -> bool:
+    """Whether :func:`stream_attention` runs this call (False: it would return None)."""
     B, Lq, H, D = q.shape
     S = k_cache.shape[1]
     dev = q.device
@@ -154,10 +147,26 @@ def stream_attention(q, k_cache, v_cache, key_valid=None, k_rope=None, q_rope=No
             or not runnable(q, k_cache, v_cache)
             or any(t.stride(-1) != 1 for t in (q, k_cache, v_cache))
             or not _rope_ok(k_rope, B, S, D, dev) or not _rope_ok(q_rope, B, Lq, D, dev)):
+        return False
+    return key_valid is None or (key_valid.shape == (B, S) and key_valid.dtype == torch.bool
+                                 and key_valid.device == dev)
+
+
+def stream_attention(q, k_cache, v_cache, key_valid=None, k_rope=None, q_rope=None,
+                     block: tuple[int, int] | None = None):
+    """Chunk queries q [B, Lq, H, D] against cache k/v [B, S, H, D] -> [B, Lq, H, D].
+
+    key_valid: [B, S] bool (None = every slot visible). k_rope/q_rope: optional (cos, sin)
+    fp32 [B, S, D/2] / [B, Lq, D/2]. block: (BLOCK_M, BLOCK_N) to pin the tiles (tests);
+    default autotunes on a GPU and uses ``INTERPRETER_BLOCK`` in the interpreter.
+    Returns None when the call is outside what the kernel supports (:func:`supports`).
+    """
+    B, Lq, H, D = q.shape
+    S = k_cache.shape[1]
+    dev = q.device
+    if not supports(q, k_cache, v_cache, key_valid, k_rope, q_rope):
         return None
     if key_valid is not None:
-        if key_valid.shape != (B, S) or key_valid.dtype != torch.bool or key_valid.device != dev:
-            return None
         valid = key_valid if key_valid.stride(-1) == 1 else key_valid.contiguous()
         valid = valid.view(torch.uint8)
     else:

@@ -14,6 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -q "torch==2.13.0" "triton==3.7.1"
   fi
-  python -m pip install -q -e ".[dev,server,demo]"
+  # cluster: Ray Serve for `streamgen serve --replicas N` and tests/test_cluster.py (one ~80 MB wheel)
+  python -m pip install -q -e ".[dev,server,demo,cluster]"
   echo "$want" > "$stamp"
 fi

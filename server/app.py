@@ -4,34 +4,85 @@
     uvicorn.run(app, host="127.0.0.1", port=8000, ws_max_size=4 * 65536)
 
 Protocol: see PROTOCOL.md next to this file. The server imports the engine, never the reverse.
+The per-connection protocol lives in :mod:`.connection`, the scheduler in :mod:`.batcher`, the
+off-thread control path (prompt encodes, admission model) in :mod:`.control`.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import hmac
-import json
 import logging
 import os
-import random
+import re
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from streamgen.actions import validate_action
 from streamgen.config import PIPELINE_PRESETS, PipelineConfig
-from streamgen.errors import ActionError, PromptError
-from streamgen.text import check_prompt
 
-from .batcher import Batcher, Busy, Chunk, StreamSlot
-from .media import HEADER_BYTES, make_encoder
+from .batcher import Batcher
+from .connection import PROTOCOL, Connection
 
-PROTOCOL = "streamgen-stream/1"
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 log = logging.getLogger("streamgen.server")
+_TOKEN_IN_URL = re.compile(r"(?i)((?:[?&]|%3F|%26)(?:access_)?token(?:=|%3D))[^&\s\"']*")
+
+
+def redact(text: str) -> str:
+    """Replace the value of any ``token=`` query parameter in ``text`` by ``***``."""
+    return _TOKEN_IN_URL.sub(r"\1***", text)
+
+
+class RedactTokens(logging.Filter):
+    """Log filter: tokens in URLs (``?token=...``) never reach a log handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "oken" in record.msg:
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+
+class QuietClientFaults(logging.Filter):
+    """Log filter: a client's malformed frame is one warning line, not an error with a traceback
+    (uvicorn logs a text frame that is not UTF-8 with ``logger.exception`` before closing 1007)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Invalid UTF-8 sequence received from client"):
+            record.msg = "a client sent a text frame that is not UTF-8; closed 1007"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def install_log_redaction():
+    """Attach :class:`RedactTokens` and :class:`QuietClientFaults` to the server's loggers (idempotent)."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "streamgen.server"):
+        lg = logging.getLogger(name)
+        for kind in (RedactTokens, QuietClientFaults):
+            if not any(isinstance(f, kind) for f in lg.filters):
+                lg.addFilter(kind())
+
+
+class TransportProbe:
+    """ASGI middleware: lets a WebSocket handler abort the TCP connection of a client that has
+    stopped reading (uvicorn's protocol object, when the server is uvicorn; else nothing)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            if transport is not None and hasattr(transport, "abort"):
+                scope["streamgen.abort"] = transport.abort
+        await self.app(scope, receive, send)
 
 
 class Hub:
@@ -39,18 +90,26 @@ class Hub:
 
     def __init__(self, pipe, *, max_sessions: int, token: str | None, pace: float, max_message_bytes: int,
                  rate_limit: float, max_queue_frames: int | None, stats_interval: float, jpeg_quality: int,
-                 max_stream_frames: int | None):
+                 max_stream_frames: int | None, admission: str = "realtime", slow_reader_s: float = 5.0,
+                 health_stall_s: float | None = None, calibrate: bool = True, headroom: float = 0.85,
+                 prep_duty: float = 0.3, start_rate: float = 4.0):
         self.pipe = pipe
         self.token = token or None
         self.max_message_bytes, self.rate_limit = int(max_message_bytes), float(rate_limit)
+        self.start_rate = float(start_rate)
         self.stats_interval, self.jpeg_quality = float(stats_interval), int(jpeg_quality)
-        self.batcher = Batcher(pipe, max_sessions=max_sessions, pace=pace, max_stream_frames=max_stream_frames)
+        self.batcher = Batcher(pipe, max_sessions=max_sessions, pace=pace, max_stream_frames=max_stream_frames,
+                               admission=admission, calibrate=calibrate, headroom=headroom, prep_duty=prep_duty)
         chunk = self.batcher.video_chunk
         self.max_queue_frames = int(max_queue_frames or 2 * chunk)
-        self.connections: set["Connection"] = set()
+        self.slow_reader_s = float(slow_reader_s)
+        self.health_stall_s = health_stall_s
+        self.connections: set[Connection] = set()
         self.draining = False
         self.counters = collections.Counter()
         self.started_at = time.time()
+        self._last_note = 0.0
+        self._suppressed = 0
 
     def authorized(self, headers, query) -> bool:
         if self.token is None:
@@ -59,7 +118,110 @@ class Hub:
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+        return given is not None and hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                                         self.token.encode("utf-8", "surrogatepass"))
+
+    def note_refusal(self, message: str):
+        """One log line for a refused/failed client message, at most one per second (rest counted)."""
+        self.counters["refusals_logged"] += 1
+        now = time.monotonic()
+        if now - self._last_note >= 1.0:
+            extra = f" ({self._suppressed} similar in the last second not logged)" if self._suppressed else ""
+            log.warning("%s%s", message, extra)
+            self._last_note, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+
+    def stall_threshold(self) -> float:
+        """Seconds without a completed step (sessions active) after which /healthz says 503."""
+        b = self.batcher
+        base = self.health_stall_s if self.health_stall_s is not None else max(2.0, 6 * b.chunk_period)
+        pred = b.step_model.predict(max(1, b.active))
+        return max(base, 3 * pred / 1000) if pred else base
+
+    def health(self) -> tuple[int, dict]:
+        b = self.batcher
+        stalled = b.stalled_for()
+        limit = self.stall_threshold()
+        prep_busy = time.monotonic() - b.prep.busy_since if b.prep.busy_since else 0.0
+        status, reason = "ok", None
+        if not b.alive or not b.prep.alive:
+            status, reason = "down", "the generation thread is not running"
+        elif self.draining:
+            status, reason = "draining", "the server is shutting down"
+        elif stalled > limit:
+            status, reason = "stalled", (f"no generation step completed for {stalled:.1f} s while "
+                                         f"{b.active} session(s) are active (limit {limit:.1f} s)")
+        elif prep_busy > max(30.0, 10 * limit):
+            status, reason = "stalled", f"the control worker (prompt encoder) has been busy for {prep_busy:.0f} s"
+        body = {"status": status, "sessions": b.active, "max_sessions": b.max_sessions, "capacity": b.capacity(),
+                "realtime_factor": b.realtime_factor(), "seconds_since_step": round(stalled, 2),
+                "protocol": PROTOCOL}
+        if reason:
+            body["reason"] = reason
+        return (200 if status == "ok" else 503), body
+
+    def metrics_text(self) -> str:
+        b, cnt = self.batcher, self.counters
+        steps = sorted(b.step_ms)
+
+        def q(p):
+            return steps[min(len(steps) - 1, int(p * len(steps)))] / 1000 if steps else 0
+
+        depths = [len(c.queue) for c in self.connections]
+        rtf = b.realtime_factor()
+        lines = [
+            "# HELP streamgen_sessions_active Sessions holding a cache row.", "# TYPE streamgen_sessions_active gauge",
+            f"streamgen_sessions_active {b.active}",
+            "# TYPE streamgen_sessions_reserved gauge", f"streamgen_sessions_reserved {b.reserved}",
+            "# TYPE streamgen_sessions_max gauge", f"streamgen_sessions_max {b.max_sessions}",
+            "# HELP streamgen_capacity_sessions Sessions this machine serves in real time (measured step times).",
+            "# TYPE streamgen_capacity_sessions gauge", f"streamgen_capacity_sessions {b.capacity()}",
+            "# HELP streamgen_realtime_factor Chunk period / step time at the current batch (< 1: slower than real time).",
+            "# TYPE streamgen_realtime_factor gauge", f"streamgen_realtime_factor {rtf if rtf is not None else 'NaN'}",
+            "# TYPE streamgen_connections gauge", f"streamgen_connections {len(self.connections)}",
+            "# HELP streamgen_model_forwards_total Model forward calls (one per denoising step for all sessions).",
+            "# TYPE streamgen_model_forwards_total counter", f"streamgen_model_forwards_total {b.forward_calls}",
+            "# TYPE streamgen_steps_total counter", f"streamgen_steps_total {b.steps}",
+            "# HELP streamgen_step_seconds Wall time of a batched step (model + decode), recent steps.",
+            "# TYPE streamgen_step_seconds summary",
+            *(f'streamgen_step_seconds{{quantile="{p}"}} {q(p):.6f}' for p in (0.5, 0.9, 0.99)),
+            f"streamgen_step_seconds_count {b.steps}",
+            "# HELP streamgen_step_seconds_by_batch Measured step time per batch size (admission model).",
+            "# TYPE streamgen_step_seconds_by_batch gauge",
+            *(f'streamgen_step_seconds_by_batch{{batch="{n}"}} {ms / 1000:.6f}' for n, ms in b.step_model.table().items()),
+            "# TYPE streamgen_seconds_since_step gauge", f"streamgen_seconds_since_step {b.stalled_for():.3f}",
+            "# TYPE streamgen_frames_generated_total counter", f"streamgen_frames_generated_total {b.frames_out}",
+            "# TYPE streamgen_frames_sent_total counter", f"streamgen_frames_sent_total {cnt['frames_sent']}",
+            "# TYPE streamgen_frames_dropped_total counter", f"streamgen_frames_dropped_total {cnt['frames_dropped']}",
+            "# HELP streamgen_send_queue_frames Frames waiting in the per-session send queues.",
+            "# TYPE streamgen_send_queue_frames gauge",
+            f'streamgen_send_queue_frames{{stat="sum"}} {sum(depths)}',
+            f'streamgen_send_queue_frames{{stat="max"}} {max(depths, default=0)}',
+            "# HELP streamgen_control_queue_sessions Sessions waiting for the control worker (encode / opening).",
+            "# TYPE streamgen_control_queue_sessions gauge", f"streamgen_control_queue_sessions {b.prep.depth}",
+            "# TYPE streamgen_ready_queue_sessions gauge", f"streamgen_ready_queue_sessions {len(b._ready)}",
+            "# TYPE streamgen_sessions_started_total counter", f"streamgen_sessions_started_total {b.sessions_started}",
+            "# TYPE streamgen_sessions_admitted_total counter", f"streamgen_sessions_admitted_total {b.admitted}",
+            "# TYPE streamgen_sessions_refused_total counter",
+            *(f'streamgen_sessions_refused_total{{reason="{r}"}} {b.refused[r]}' for r in ("full", "capacity")),
+            "# TYPE streamgen_busy_rejections_total counter", f"streamgen_busy_rejections_total {cnt['busy']}",
+            "# TYPE streamgen_slow_reader_ends_total counter", f"streamgen_slow_reader_ends_total {cnt['slow_readers']}",
+            "# TYPE streamgen_prompt_switches_total counter", f"streamgen_prompt_switches_total {b.prompt_switches}",
+            "# TYPE streamgen_prompt_switches_coalesced_total counter",
+            f"streamgen_prompt_switches_coalesced_total {b.prep.coalesced}",
+            "# TYPE streamgen_prompt_encodes_total counter", f"streamgen_prompt_encodes_total {b.encodes.misses}",
+            "# TYPE streamgen_prompt_encode_cache_hits_total counter",
+            f"streamgen_prompt_encode_cache_hits_total {b.encodes.hits}",
+            "# TYPE streamgen_last_batch_size gauge",
+            f"streamgen_last_batch_size {b.batch_sizes[-1] if b.batch_sizes else 0}",
+            "# TYPE streamgen_step_ms_p50 gauge", f"streamgen_step_ms_p50 {b.describe()['step_ms_p50'] or 0}",
+            "# TYPE streamgen_errors_total counter",
+        ]
+        for k, v in sorted(cnt.items()):
+            if k.startswith("error_"):
+                lines.append(f'streamgen_errors_total{{code="{k[6:]}"}} {v}')
+        return "\n".join(lines) + "\n"
 
     async def drain(self, timeout: float = 5.0):
         """Graceful shutdown: refuse new sessions, flush every stream, say goodbye, close."""
@@ -72,277 +234,6 @@ class Hub:
             await asyncio.sleep(0.02)
 
 
-class Connection:
-    """One WebSocket: protocol parsing, one session at a time, a bounded frame queue."""
-
-    def __init__(self, hub: Hub, ws: WebSocket):
-        self.hub, self.ws = hub, ws
-        self.loop = asyncio.get_running_loop()
-        self.slot: StreamSlot | None = None
-        self.queue: collections.deque = collections.deque()
-        self.wake = asyncio.Event()
-        self.sender: asyncio.Task | None = None
-        self.send_lock = asyncio.Lock()
-        self.tokens, self.t_tokens = hub.rate_limit, time.monotonic()
-        self.last_rate_error = 0.0
-        self.closed = False
-        self._reset_stats()
-
-    def _reset_stats(self):
-        self.dropped = self.sent = 0
-        self.sent_window: collections.deque = collections.deque(maxlen=256)
-        self.chunk_ms: collections.deque = collections.deque(maxlen=32)
-        self.lat_ms: collections.deque = collections.deque(maxlen=256)    # action arrival -> frame sent
-        self.action_t: dict[int, float] = {}
-        self.last_batch = 0
-
-    # ------------------------------------------------------------------ sending
-    async def send_json(self, obj):
-        if self.closed or self.ws.application_state != WebSocketState.CONNECTED:
-            return
-        async with self.send_lock:
-            try:
-                await self.ws.send_text(json.dumps(obj))
-            except Exception:
-                self.closed = True
-
-    async def error(self, code: str, message: str):
-        self.hub.counters[f"error_{code}"] += 1
-        await self.send_json({"type": "error", "code": code, "message": message})
-
-    async def send_bytes(self, data: bytes):
-        async with self.send_lock:
-            await self.ws.send_bytes(data)
-
-    # ------------------------------------------------------------------ batcher callbacks (worker thread)
-    def _on_chunk(self, ch: Chunk):
-        self.loop.call_soon_threadsafe(self._enqueue, ch)
-
-    def _enqueue(self, ch: Chunk):
-        slot = self.slot
-        if slot is None or slot.closed:
-            return
-        self.chunk_ms.append(ch.step_ms)
-        self.last_batch = ch.batch
-        for i in range(ch.frames.shape[0]):
-            self.queue.append((ch.first_frame + i, ch.action_seq, ch.chunk_index, ch.done_at, ch.frames[i]))
-        while len(self.queue) > self.hub.max_queue_frames:      # drop-oldest: stale frames go first
-            self.queue.popleft()
-            self.dropped += 1
-            self.hub.counters["frames_dropped"] += 1
-        self.wake.set()
-
-    def _on_end(self, reason: str, message: str):
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.finish(reason, message, None)))
-
-    # ------------------------------------------------------------------ session lifecycle
-    async def start(self, msg: dict):
-        hub = self.hub
-        if self.slot is not None:
-            return await self.error("already_started", "this connection already streams; send stop first")
-        if hub.draining:
-            return await self.error("shutting_down", "the server is shutting down")
-        try:
-            prompt = check_prompt(msg.get("prompt"), hub.pipe.config.max_prompt_chars)
-        except PromptError as e:
-            return await self.error("bad_prompt", str(e))
-        seed = msg.get("seed")
-        if seed is None:
-            seed = random.randrange(2**31 - 1)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            return await self.error("bad_request", "seed must be a non-negative integer")
-        codec = msg.get("codec", "jpeg")
-        if codec not in ("jpeg", "fmp4"):
-            return await self.error("bad_codec", f"codec must be 'jpeg' or 'fmp4', got {codec!r}")
-        unknown = sorted(set(msg) - {"type", "prompt", "seed", "codec"})
-        if unknown:
-            return await self.error("bad_request", f"unknown field(s) in start: {', '.join(unknown)}")
-        c = hub.pipe.config
-        try:
-            self.encoder = make_encoder(codec, c.width, c.height, c.fps, hub.jpeg_quality)
-            self.slot = hub.batcher.open(prompt, seed, self._on_chunk, self._on_end)
-        except Busy as e:
-            hub.counters["busy"] += 1
-            await self.error("busy", str(e))
-            return await self.close_ws(1013, "busy")
-        self.queue.clear()
-        self._reset_stats()
-        self.codec = codec
-        d = hub.pipe.describe()
-        await self.send_json({"type": "ready", "protocol": PROTOCOL, "session": self.slot.id, "seed": seed,
-                              "codec": codec, "fps": c.fps, "width": c.width, "height": c.height,
-                              "chunk_frames": d["chunk_frames"], "action_space": d["action_space"],
-                              "header_bytes": HEADER_BYTES, "max_message_bytes": hub.max_message_bytes,
-                              "trained": hub.pipe.trained})
-        self.sender = asyncio.ensure_future(self._send_loop(self.slot))
-
-    async def finish(self, reason: str, message: str, close_code: int | None):
-        """End the current session: free its row now, flush queued frames, send `end`."""
-        slot = self.slot
-        if slot is not None:
-            self.hub.batcher.close(slot)
-            self.slot = None
-            self.wake.set()
-            if self.sender is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self.sender), 2.0)
-                except Exception:
-                    self.sender.cancel()
-                self.sender = None
-            await self.send_json({"type": "end", "session": slot.id, "reason": reason, "message": message,
-                                  "frames": self.sent, "dropped_frames": self.dropped})
-        if close_code is not None:
-            await self.close_ws(close_code, reason)
-
-    async def close_ws(self, code: int, reason: str):
-        if not self.closed and self.ws.application_state == WebSocketState.CONNECTED:
-            self.closed = True
-            try:
-                async with self.send_lock:
-                    await self.ws.close(code, reason[:100])
-            except Exception:
-                pass
-
-    async def _send_loop(self, slot: StreamSlot):
-        hub = self.hub
-        big = hub.pipe.config.width * hub.pipe.config.height > 256 * 256
-        next_stats = time.monotonic() + hub.stats_interval
-        try:
-            while True:
-                timeout = max(0.0, next_stats - time.monotonic())
-                if not self.queue and self.slot is slot:
-                    try:
-                        await asyncio.wait_for(self.wake.wait(), timeout)
-                    except asyncio.TimeoutError:
-                        pass
-                    self.wake.clear()
-                if self.queue:
-                    index, seq, chunk, done_at, frame = self.queue.popleft()
-                    gen_ms = int((time.monotonic() - done_at) * 1000)
-                    enc = self.encoder.encode
-                    msgs = await asyncio.to_thread(enc, frame, index, seq, chunk, gen_ms) if big else \
-                        enc(frame, index, seq, chunk, gen_ms)
-                    for m in msgs:
-                        await self.send_bytes(m)
-                    now = time.monotonic()
-                    self.sent += 1
-                    self.sent_window.append(now)
-                    hub.counters["frames_sent"] += 1
-                    if seq is not None and seq in self.action_t:
-                        self.lat_ms.append((now - self.action_t.pop(seq)) * 1000)
-                        for old in [s for s in self.action_t if s < seq]:
-                            self.action_t.pop(old, None)
-                elif self.slot is not slot:
-                    for m in self.encoder.close():
-                        await self.send_bytes(m)
-                    return
-                if time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + hub.stats_interval
-                    await self.send_json(self.stats())
-        except (WebSocketDisconnect, RuntimeError, ConnectionError):
-            self.closed = True
-        except asyncio.CancelledError:
-            raise
-
-    def stats(self) -> dict:
-        now = time.monotonic()
-        recent = [t for t in self.sent_window if now - t <= 2.0]
-        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 and recent[-1] > recent[0] else 0.0
-        lat = sorted(self.lat_ms)
-        b = self.hub.batcher
-        return {"type": "stats", "session": self.slot.id if self.slot else None, "fps": round(fps, 2),
-                "frames_sent": self.sent, "dropped_frames": self.dropped, "queue_depth": len(self.queue),
-                "max_queue_frames": self.hub.max_queue_frames,
-                "chunk_latency_ms": round(sum(self.chunk_ms) / len(self.chunk_ms), 2) if self.chunk_ms else None,
-                "action_latency_ms_p50": round(lat[len(lat) // 2], 2) if lat else None,
-                "batch": self.last_batch, "sessions": b.active, "max_sessions": b.max_sessions}
-
-    # ------------------------------------------------------------------ receiving
-    def _rate_ok(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.hub.rate_limit, self.tokens + (now - self.t_tokens) * self.hub.rate_limit)
-        self.t_tokens = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-    async def handle(self, text: str | None, data: bytes | None):
-        hub = self.hub
-        hub.counters["messages"] += 1
-        if not self._rate_ok():
-            hub.counters["rate_limited"] += 1
-            if time.monotonic() - self.last_rate_error > 1.0:
-                self.last_rate_error = time.monotonic()
-                await self.error("rate_limited", f"more than {hub.rate_limit:g} messages/s; extra messages are dropped")
-            return
-        if data is not None:
-            return await self.error("bad_message", "binary messages are not part of the protocol; send JSON text")
-        size = len(text.encode("utf-8", "surrogatepass")) if len(text) * 4 > hub.max_message_bytes else len(text)
-        if size > hub.max_message_bytes:
-            return await self.error("too_large", f"message of {size} bytes exceeds the {hub.max_message_bytes}-byte limit")
-        try:
-            msg = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            return await self.error("bad_json", f"message is not valid JSON: {getattr(e, 'msg', e)}")
-        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-            return await self.error("bad_json", 'a message must be a JSON object with a string "type"')
-        typ = msg["type"]
-        if typ == "start":
-            return await self.start(msg)
-        if typ not in ("action", "prompt", "stop"):
-            return await self.error("unknown_type", f"unknown message type {typ[:40]!r}; expected start, action, prompt or stop")
-        if self.slot is None:
-            return await self.error("not_started", f"send a start message before {typ!r}")
-        if typ == "action":
-            return await self.action(msg)
-        if typ == "prompt":
-            try:
-                prompt = check_prompt(msg.get("prompt"), hub.pipe.config.max_prompt_chars)
-            except PromptError as e:
-                return await self.error("bad_prompt", str(e))
-            hub.batcher.set_prompt(self.slot, prompt)
-            return
-        await self.finish("stopped", "stopped by the client", None)
-
-    async def action(self, msg: dict):
-        seq = msg.get("seq")
-        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 0xFFFFFFFF):
-            return await self.error("bad_action", "seq must be an integer in [0, 2^32-2]")
-        body = {k: v for k, v in msg.items() if k not in ("type", "seq")}
-        if "frame" in body:
-            return await self.error("bad_action", "unknown action field(s): frame")
-        try:
-            act = validate_action(self.hub.pipe.config.model.actions, body)
-        except ActionError as e:
-            return await self.error("bad_action", str(e))
-        if seq is not None:
-            self.action_t[seq] = time.monotonic()
-            if len(self.action_t) > 1024:
-                self.action_t.pop(next(iter(self.action_t)))
-        self.hub.batcher.set_action(self.slot, act, seq)
-
-    async def run(self):
-        ws = self.ws
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg["type"] == "websocket.disconnect":
-                    break
-                await self.handle(msg.get("text"), msg.get("bytes"))
-                if self.closed:
-                    break
-        except (WebSocketDisconnect, RuntimeError, ConnectionError):
-            pass
-        finally:
-            self.closed = True
-            if self.slot is not None:                 # disconnect: free the row at once
-                self.hub.batcher.close(self.slot)
-                self.slot = None
-            if self.sender is not None:
-                self.sender.cancel()
-
-
 def _load(pipe_or_model, random_weights: bool, device: str, dtype: str):
     if not isinstance(pipe_or_model, str):
         return pipe_or_model
@@ -353,16 +244,27 @@ def _load(pipe_or_model, random_weights: bool, device: str, dtype: str):
 def create_app(pipe_or_model="default", *, max_sessions: int = 8, token: str | None = None, pace: float = 1.0,
                random_weights: bool = False, device: str = "cpu", dtype: str = "float32",
                max_message_bytes: int = 65536, rate_limit: float = 200.0, max_queue_frames: int | None = None,
-               stats_interval: float = 1.0, jpeg_quality: int = 85, max_stream_frames: int | None = None) -> FastAPI:
-    """Build the app around a Pipeline (or a model name to load). The batcher runs during the lifespan."""
+               stats_interval: float = 1.0, jpeg_quality: int = 85, max_stream_frames: int | None = None,
+               admission: str = "realtime", slow_reader_s: float = 5.0, health_stall_s: float | None = None,
+               calibrate: bool = True, headroom: float = 0.85, prep_duty: float = 0.3,
+               start_rate: float = 4.0) -> FastAPI:
+    """Build the app around a Pipeline (or a model name to load). The batcher runs during the lifespan.
+
+    ``max_sessions`` bounds the cache rows; ``admission="realtime"`` (default) admits only as many
+    sessions as the measured step times serve in real time, ``"degrade"`` admits up to
+    ``max_sessions`` and reports the real-time factor (PROTOCOL.md)."""
     pipe = _load(pipe_or_model, random_weights, device, dtype)
     hub = Hub(pipe, max_sessions=max_sessions, token=token, pace=pace, max_message_bytes=max_message_bytes,
               rate_limit=rate_limit, max_queue_frames=max_queue_frames, stats_interval=stats_interval,
-              jpeg_quality=jpeg_quality, max_stream_frames=max_stream_frames)
+              jpeg_quality=jpeg_quality, max_stream_frames=max_stream_frames, admission=admission,
+              slow_reader_s=slow_reader_s, health_stall_s=health_stall_s, calibrate=calibrate,
+              headroom=headroom, prep_duty=prep_duty, start_rate=start_rate)
+    install_log_redaction()
 
     @asynccontextmanager
     async def lifespan(app):
-        hub.batcher.start()
+        install_log_redaction()
+        await asyncio.to_thread(hub.batcher.start)       # calibration blocks for a moment
         try:
             yield
         finally:
@@ -371,6 +273,7 @@ def create_app(pipe_or_model="default", *, max_sessions: int = 8, token: str | N
             await asyncio.to_thread(hub.batcher.stop)
 
     app = FastAPI(title="streamgen", version=PROTOCOL, lifespan=lifespan)
+    app.add_middleware(TransportProbe)
     app.state.hub = hub
 
     def denied(request: Request):
@@ -382,11 +285,8 @@ def create_app(pipe_or_model="default", *, max_sessions: int = 8, token: str | N
 
     @app.get("/healthz")
     async def healthz():
-        b = hub.batcher
-        ok = b._thread is not None and b._thread.is_alive() and not hub.draining
-        return JSONResponse({"status": "ok" if ok else "draining" if hub.draining else "down",
-                             "sessions": b.active, "max_sessions": b.max_sessions, "protocol": PROTOCOL},
-                            status_code=200 if ok else 503)
+        code, body = hub.health()
+        return JSONResponse(body, status_code=code)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -404,29 +304,7 @@ def create_app(pipe_or_model="default", *, max_sessions: int = 8, token: str | N
     async def metrics(request: Request):
         if (r := denied(request)) is not None:
             return r
-        b, cnt = hub.batcher, hub.counters
-        lines = [
-            "# HELP streamgen_sessions_active Sessions holding a cache row.", "# TYPE streamgen_sessions_active gauge",
-            f"streamgen_sessions_active {b.active}",
-            "# TYPE streamgen_sessions_max gauge", f"streamgen_sessions_max {b.max_sessions}",
-            "# TYPE streamgen_connections gauge", f"streamgen_connections {len(hub.connections)}",
-            "# HELP streamgen_model_forwards_total Model forward calls (one per denoising step for all sessions).",
-            "# TYPE streamgen_model_forwards_total counter", f"streamgen_model_forwards_total {b.forward_calls}",
-            "# TYPE streamgen_steps_total counter", f"streamgen_steps_total {b.steps}",
-            "# TYPE streamgen_frames_generated_total counter", f"streamgen_frames_generated_total {b.frames_out}",
-            "# TYPE streamgen_frames_sent_total counter", f"streamgen_frames_sent_total {cnt['frames_sent']}",
-            "# TYPE streamgen_frames_dropped_total counter", f"streamgen_frames_dropped_total {cnt['frames_dropped']}",
-            "# TYPE streamgen_sessions_started_total counter", f"streamgen_sessions_started_total {b.sessions_started}",
-            "# TYPE streamgen_busy_rejections_total counter", f"streamgen_busy_rejections_total {cnt['busy']}",
-            "# TYPE streamgen_last_batch_size gauge",
-            f"streamgen_last_batch_size {b.batch_sizes[-1] if b.batch_sizes else 0}",
-            "# TYPE streamgen_step_ms_p50 gauge", f"streamgen_step_ms_p50 {b.describe()['step_ms_p50'] or 0}",
-            "# TYPE streamgen_errors_total counter",
-        ]
-        for k, v in sorted(cnt.items()):
-            if k.startswith("error_"):
-                lines.append(f'streamgen_errors_total{{code="{k[6:]}"}} {v}')
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(hub.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def index():
@@ -451,6 +329,6 @@ def create_app(pipe_or_model="default", *, max_sessions: int = 8, token: str | N
             await conn.run()
         finally:
             hub.connections.discard(conn)
-            await conn.close_ws(1000, "bye")
+            await conn.close_ws(1000, "bye", timeout=2.0)
 
     return app

@@ -34,12 +34,17 @@ def validate_action(space: ActionSpace, action: Action | None) -> Action:
         raise ActionError("this model declares no action keys")
     bad = [k for k in keys if k not in space.keys]
     if bad:
-        raise ActionError(f"key(s) {bad} not in the model's action space {list(space.keys)}")
+        shown = [k[:20] for k in bad[:5]] + (["..."] if len(bad) > 5 else [])
+        raise ActionError(f"key(s) {shown} not in the model's action space {list(space.keys)}")
     mouse = action.get("mouse", [0.0, 0.0])
     if (not isinstance(mouse, (list, tuple)) or len(mouse) != 2
             or not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in mouse)):
         raise ActionError("action 'mouse' must be [dx, dy] numbers")
-    mouse = [float(m) for m in mouse]
+    try:
+        mouse = [float(m) for m in mouse]
+    except OverflowError:        # an integer too large for a float (JSON allows any number of digits)
+        raise ActionError(f"action 'mouse' values must lie in [-{space.mouse_range}, {space.mouse_range}]; "
+                          "got an integer too large for a number") from None
     if any(not math.isfinite(m) for m in mouse):
         raise ActionError("action 'mouse' values must be finite")
     if any(m != 0.0 for m in mouse):

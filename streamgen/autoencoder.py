@@ -13,6 +13,8 @@ buffers, set once after training) so the DiT sees roughly unit-variance inputs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,10 +56,10 @@ class TinyAutoencoder(VideoAutoencoder):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_state(cls, state_dict: dict | None, latent_channels: int = 8) -> "TinyAutoencoder":
-        """Random init (``None``) or the trained weights; the width is read from the weights."""
+        """Random init (``None``: seed 0, drawn from a local generator, so the caller's global
+        RNG is left as it was) or the trained weights; the width is read from the weights."""
         if state_dict is None:
-            torch.manual_seed(0)
-            return cls(latent_channels)
+            return cls.random_init(latent_channels, torch.Generator().manual_seed(0))
         width = int(state_dict["encoder.0.weight"].shape[0])
         c = int(state_dict["latent_mean"].shape[0])
         if c != latent_channels:
@@ -65,6 +67,29 @@ class TinyAutoencoder(VideoAutoencoder):
             raise ConfigError(f"tiny-ae weights have {c} latent channels, the model expects {latent_channels}")
         ae = cls(latent_channels, width)
         ae.load_state_dict(state_dict, strict=True)
+        return ae
+
+    @classmethod
+    def random_init(cls, latent_channels: int = 8, generator: torch.Generator | None = None,
+                    width: int = 32) -> "TinyAutoencoder":
+        """torch's default init (``nn.Conv2d.reset_parameters``), drawn from ``generator`` in
+        construction order: the same weights as building the module after
+        ``torch.manual_seed(s)`` when ``generator`` is seeded with ``s``, without touching the
+        global RNG. Buffers get their defaults (mean 0, std 1)."""
+        with torch.device("meta"):
+            ae = cls(latent_channels, width)
+        ae = ae.to_empty(device="cpu")
+        with torch.no_grad():
+            for m in ae.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+                    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(m.weight)
+                    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                    nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+                elif next(m.parameters(recurse=False), None) is not None:   # pragma: no cover
+                    raise TypeError(f"random_init does not know how to initialise {type(m).__name__}")
+            ae.latent_mean.zero_()
+            ae.latent_std.fill_(1.0)
         return ae
 
     # ------------------------------------------------------------------ raw (unnormalised) pieces

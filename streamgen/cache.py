@@ -49,7 +49,6 @@ class StreamCache:
         # host bookkeeping (never read back from the device)
         self.slot_frame = [[-1] * self.n_slots for _ in range(batch)]
         self.next_frame = [0] * batch
-        self.functional = False   # training: writes return new tensors, buffers untouched
         self._tok = torch.arange(self.T, device=device)
 
     # ------------------------------------------------------------------ host side
@@ -182,15 +181,33 @@ class StreamCache:
         self.slot_frame[a:b] = [list(sf) for sf in view.slot_frame]
         self.next_frame[a:b] = list(view.next_frame)
 
+    def functional_view(self) -> "FunctionalCache":
+        """This cache for one differentiable pass (training's exit step): its writes return new
+        buffers and leave this cache's untouched, so later in-place writes cannot corrupt the
+        autograd graph. Shares every tensor and the bookkeeping of this cache (read only)."""
+        v = object.__new__(FunctionalCache)
+        v.__dict__.update(self.__dict__)
+        return v
+
     # ------------------------------------------------------------------ device side
+    def _index(self, k_new: torch.Tensor) -> torch.Tensor:
+        return self.write_index[:, :, None, None].expand(-1, -1, k_new.shape[2], k_new.shape[3])   # [B, n*T, H, D]
+
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-        """Store the chunk's k/v [B, n*T, H, D]; return the full buffers of this layer."""
-        idx = self.write_index[:, :, None, None].expand(-1, -1, k_new.shape[2], k_new.shape[3])
-        if self.functional:
-            return self.k[layer].scatter(1, idx, k_new), self.v[layer].scatter(1, idx, v_new)
+        """Store the chunk's k/v [B, n*T, H, D] in place; return the full buffers of this layer."""
+        idx = self._index(k_new)
         self.k[layer].scatter_(1, idx, k_new)
         self.v[layer].scatter_(1, idx, v_new)
         return self.k[layer], self.v[layer]
 
     def memory_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+
+class FunctionalCache(StreamCache):
+    """A :meth:`StreamCache.functional_view`: ``write`` returns the buffers with the chunk's
+    k/v scattered in, as new tensors [B, S_tok, H, D]; the shared buffers stay as they were."""
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        idx = self._index(k_new)
+        return self.k[layer].scatter(1, idx, k_new), self.v[layer].scatter(1, idx, v_new)

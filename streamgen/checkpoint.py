@@ -7,9 +7,10 @@ to Wan2.1 names on load, streamgen.convert), and streamgen's own release files (
 whose metadata carries the pipeline config as JSON under ``streamgen_config``).
 
 ``load_checkpoint(path, config=None)`` is the one entry point: it returns the DiT weights in
-Wan2.1 names plus the pipeline config to run them with (release metadata > explicit
-``config`` > a streamgen ``config.json`` > family guessed from the file name > Self-Forcing's
-defaults), the model shape read from a Wan/diffusers ``config.json`` or the tensors.
+Wan2.1 names plus the pipeline config to run them with (explicit ``config`` > release
+metadata > a streamgen ``config.json`` > family guessed from the file name > Self-Forcing's
+defaults), the model shape read from a Wan/diffusers ``config.json`` or the tensors (an
+explicit ``config`` keeps its settings but takes the model shape from the checkpoint).
 Every failure is a one-line ``CheckpointError``.
 """
 from __future__ import annotations
@@ -259,7 +260,8 @@ def _with_model(preset: dict, fields: dict | None, shape_fields: dict, notes: li
     the preset's model, the shapes are used and the head count keeps the preset's head_dim.
     """
     from .config import ModelConfig
-    out = json.loads(json.dumps(preset))
+    from .presets import thaw
+    out = thaw(preset)                                   # a plain deep copy (presets are read-only)
     model = dict(out.get("model", {}))
     current = ModelConfig.from_dict(model)
     if fields:

@@ -6,10 +6,15 @@ being the plain eager path. Status (2026-11-23): checked on CPU only (compile wi
 (inductor, CUDA graphs via "reduce-overhead", torchao FP8, the side-stream decode) have
 NOT been run or measured on a GPU yet.
 
-- ``compile_model(model, mode)``: ``torch.compile`` of ``WanDiT.forward``. The streaming
-  cache has static shapes (preallocated K/V, write indices, validity and RoPE positions are
-  tensors updated in place by ``begin_chunk``), so one graph serves every chunk of a
-  session; "reduce-overhead" adds CUDA graphs (inductor's cudagraph trees).
+- ``compile_chunk_step(mode)``: ``torch.compile`` of the chunk step
+  (``streamgen.streaming.chunk_step``, one model call through the cache), the free function
+  ``generate_chunk(..., step=...)`` runs: gpt-fast's ``decode_one_token`` habit, the model
+  itself is left alone. The streaming cache has static shapes (preallocated K/V, write
+  indices, validity and RoPE positions are tensors updated in place by ``begin_chunk``), so
+  one graph serves every chunk of a session; "reduce-overhead" adds CUDA graphs (inductor's
+  cudagraph trees). ``compile_model(model, mode)`` is the older whole-module form (torch's
+  own ``nn.Module.compile``, nothing of the model is replaced), for callers that cannot pass
+  a step.
 - ``quantize_fp8(model, mode)``: torchao float8 dynamic-activation/weight quantisation of the
   DiT's ``nn.Linear`` layers (needs torchao and an SM89+ GPU).
 - ``OverlappedDecoder``: decodes chunk i on a worker thread (and, on CUDA, a side stream)
@@ -18,7 +23,7 @@ NOT been run or measured on a GPU yet.
 from __future__ import annotations
 
 import concurrent.futures as cf
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,18 +33,30 @@ COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs"
 QUANT_MODES = ("none", "fp8")
 
 
-def compile_model(model: torch.nn.Module, mode: str = "default", backend: str = "inductor",
-                  dynamic: bool = False) -> torch.nn.Module:
-    """Compile ``model.forward`` in place (returns the model). ``mode`` in COMPILE_MODES."""
+def _compile_kwargs(mode: str, backend: str, dynamic: bool) -> dict[str, Any]:
     if mode not in COMPILE_MODES:
         raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    if mode == "none":
-        return model
     kw: dict[str, Any] = {"backend": backend, "dynamic": dynamic}
     if backend == "inductor":
         kw["mode"] = mode
-    model.forward = torch.compile(model.forward, **kw)
-    model._streamgen_compile = mode
+    return kw
+
+
+def compile_chunk_step(mode: str = "default", backend: str = "inductor", dynamic: bool = False) -> Callable:
+    """The chunk step for ``generate_chunk(..., step=...)``: compiled, or the plain
+    ``chunk_step`` for mode "none". ``mode`` in COMPILE_MODES."""
+    from .streaming import chunk_step
+    kw = _compile_kwargs(mode, backend, dynamic)
+    return chunk_step if mode == "none" else torch.compile(chunk_step, **kw)
+
+
+def compile_model(model: torch.nn.Module, mode: str = "default", backend: str = "inductor",
+                  dynamic: bool = False) -> torch.nn.Module:
+    """Compile the module's calls in place with ``nn.Module.compile`` (returns the model; its
+    ``forward`` is not replaced). Prefer :func:`compile_chunk_step`. ``mode`` in COMPILE_MODES."""
+    kw = _compile_kwargs(mode, backend, dynamic)
+    if mode != "none":
+        model.compile(**kw)
     return model
 
 
@@ -79,7 +96,6 @@ def quantize_fp8(model: torch.nn.Module, mode: str = "fp8") -> torch.nn.Module:
     def only_block_linears(mod, fqn):
         return isinstance(mod, torch.nn.Linear) and fqn.startswith("blocks.")
     quantize_(model, cfg, filter_fn=only_block_linears)
-    model._streamgen_quant = mode
     return model
 
 

@@ -1,17 +1,20 @@
 """Dataclass configs for every engine component, with named presets.
 
 One dataclass per component (model, action space, cache, sampler, pipeline). Presets are
-looked up by name with ``from_name`` (gpt-fast style); ``tiny`` is for CPU tests and
-``wan2.1-t2v-1.3b`` is the real size. All validation happens here, at the boundary.
+looked up by name with ``from_name`` (gpt-fast style) in the read-only tables of
+:mod:`streamgen.presets` (re-exported here: ``MODEL_PRESETS``, ``PIPELINE_PRESETS``);
+``tiny`` is for CPU tests and ``wan2.1-t2v-1.3b`` is the real size. All validation happens
+here, at the boundary.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ConfigError
+from .presets import MODEL_PRESETS, PIPELINE_PRESETS, WASD  # noqa: F401  (re-exported)
 
 
 def _from_dict(cls, data: dict[str, Any] | None):
@@ -20,7 +23,7 @@ def _from_dict(cls, data: dict[str, Any] | None):
         return cls()
     if isinstance(data, cls):
         return data
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -46,7 +49,7 @@ def to_dict(cfg) -> dict[str, Any]:
 
 
 def json_ready(obj):
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
@@ -161,30 +164,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data) -> "ModelConfig":
         return _from_dict(cls, data)
-
-
-WASD = ("W", "A", "S", "D")
-
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16,
-                            out_channels=16, text_dim=4096, freq_dim=256, text_len=512),
-    "wan2.1-t2v-14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16,
-                           out_channels=16, text_dim=4096, freq_dim=256, text_len=512),
-    # Tiny CPU presets. `tiny` matches the golden vectors' size.
-    "tiny": dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=4, out_channels=4,
-                 text_dim=32, freq_dim=32, text_len=16),
-    "tiny-world": dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=4,
-                       out_channels=4, text_dim=32, freq_dim=32, text_len=16,
-                       actions=dict(keys=WASD, mouse=True)),
-    # The size of the shipped default world model (64x64 video, 8x8x8 latents).
-    "small-world": dict(dim=128, ffn_dim=384, num_heads=2, num_layers=4, in_channels=8,
-                        out_channels=8, text_dim=384, freq_dim=64, text_len=16,
-                        actions=dict(keys=WASD, mouse=True), pos_embed="learned", pos_grid=16),
-    # The shipped default world model from release 3 on (wider and deeper; same latents).
-    "world-64": dict(dim=192, ffn_dim=576, num_heads=3, num_layers=5, in_channels=8,
-                     out_channels=8, text_dim=384, freq_dim=64, text_len=16,
-                     actions=dict(keys=WASD, mouse=True), pos_embed="learned", pos_grid=16),
-}
 
 
 @dataclass(frozen=True)
@@ -338,25 +317,3 @@ _NESTED = {
     ("PipelineConfig", "cache"): CacheConfig,
     ("PipelineConfig", "sampler"): SamplerConfig,
 }
-
-PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
-    # Self-Forcing's released setting: global causal attention over 21 latent frames.
-    "wan2.1-t2v-1.3b": dict(model=MODEL_PRESETS["wan2.1-t2v-1.3b"], vae="wan", text_encoder="umt5",
-                            cache=dict(window_frames=-1, max_frames=21)),
-    "wan2.1-t2v-14b": dict(model=MODEL_PRESETS["wan2.1-t2v-14b"], vae="wan", text_encoder="umt5",
-                           cache=dict(window_frames=-1, max_frames=21)),
-    "tiny": dict(model=MODEL_PRESETS["tiny"], height=64, width=64, temporal_stride=1,
-                 cache=dict(sink_frames=3, window_frames=6, rope="relative")),
-    "tiny-world": dict(model=MODEL_PRESETS["tiny-world"], height=64, width=64, temporal_stride=1,
-                       cache=dict(sink_frames=3, window_frames=6, rope="relative",
-                                  prompt_switch="recache")),
-    "small-world": dict(model=MODEL_PRESETS["small-world"], height=64, width=64, temporal_stride=1,
-                        cache=dict(sink_frames=3, window_frames=6, rope="relative"),
-                        vae="tiny-ae", text_encoder="minilm"),
-    "world-64": dict(model=MODEL_PRESETS["world-64"], height=64, width=64, temporal_stride=1,
-                     cache=dict(sink_frames=3, window_frames=9, rope="relative"),
-                     vae="tiny-ae", text_encoder="minilm"),
-}
-
-# Per-family presets (self-forcing, causvid, longlive, ...) register themselves here.
-from . import families as _families  # noqa: E402,F401

@@ -1,10 +1,11 @@
-"""Per-family pipeline presets for Wan2.1-T2V-1.3B causal students.
+"""Per-family pipeline presets for Wan2.1-T2V-1.3B causal students: sources and name guessing.
 
 Each family's checkpoint runs with the chunk size, steps, sink/window and RoPE policy it was
-trained with. Every preset is a ``PipelineConfig`` dict built on the ``wan2.1-t2v-1.3b``
-model preset; importing this module registers them in ``config.PIPELINE_PRESETS`` so
+trained with. The presets themselves are rows of the read-only table in
+:mod:`streamgen.presets` (``FAMILY_PRESETS``, part of ``PIPELINE_PRESETS``), so
 ``PipelineConfig.from_name("longlive")`` and ``Pipeline.from_pretrained(path, config="longlive")``
-find them. ``guess_family(path)`` maps a checkpoint file name to a family.
+find them whatever was imported first. ``guess_family(path)`` maps a checkpoint file name to a
+family.
 
 Sources and confidence (``FAMILY_NOTES``): self-forcing and longlive values are those of the
 released inference configs (LongLive: ``local_attn_size: 12, sink_size: 3`` = 3 sink frames +
@@ -13,48 +14,14 @@ follow their papers' descriptions; their exact release values are not verified h
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
-from typing import Any
+from types import MappingProxyType
+from typing import Mapping
 
-from .config import MODEL_PRESETS, PIPELINE_PRESETS
+from .presets import FAMILY_PRESETS, SF_STEPS  # noqa: F401  (re-exported)
 
-SF_STEPS = (1000, 750, 500, 250)
-
-
-def _family(cache: dict, steps=SF_STEPS, chunk: int = 3, warp: bool = True, shift: float = 5.0) -> dict[str, Any]:
-    return dict(model=copy.deepcopy(MODEL_PRESETS["wan2.1-t2v-1.3b"]), vae="wan", text_encoder="umt5",
-                height=480, width=832, fps=16,
-                sampler=dict(denoising_steps=steps, warp=warp, shift=shift, chunk_frames=chunk, context_noise=0.0),
-                cache=cache)
-
-
-FAMILY_PRESETS: dict[str, dict[str, Any]] = {
-    # Self-Forcing (self_forcing_dmd.yaml): 3-frame chunks, global causal attention over the
-    # 21 trained latent frames, absolute RoPE, 4 warped steps, shift 5.
-    "self-forcing": _family(dict(window_frames=-1, max_frames=21, rope="absolute", prompt_switch="reset")),
-    # CausVid: chunk-wise (3) causal student, global attention, 3-step DMD (1000, 757, 522).
-    "causvid": _family(dict(window_frames=-1, max_frames=21, rope="absolute", prompt_switch="reset"),
-                       steps=(1000, 757, 522), warp=False),
-    # LongLive: frame sink = first chunk (3 frames) + short window; KV re-cache on prompt switch.
-    "longlive": _family(dict(sink="frame", sink_frames=3, window_frames=9, rope="absolute",
-                             prompt_switch="recache")),
-    # Reward Forcing: EMA sink (evicted frames blended into the sink), relative RoPE.
-    "reward-forcing": _family(dict(sink="ema", sink_frames=3, window_frames=9, rope="relative",
-                                   ema_alpha=0.999, prompt_switch="reset")),
-    # Anchor Forcing: sink + an anchor region captured at prompt switches, then re-cache.
-    "anchor-forcing": _family(dict(sink="frame", sink_frames=3, anchor_frames=3, window_frames=9,
-                                   rope="relative", prompt_switch="recache")),
-    # Rolling Forcing: attention sink + rolling window with positions re-based (relative).
-    "rolling-forcing": _family(dict(sink="frame", sink_frames=3, window_frames=12, rope="relative",
-                                    prompt_switch="reset")),
-    # Causal Forcing: frame-wise (1-frame chunks) causal student, global attention.
-    "causal-forcing": _family(dict(window_frames=-1, max_frames=21, rope="absolute", prompt_switch="reset"),
-                              chunk=1),
-}
-
-FAMILY_NOTES: dict[str, str] = {
+FAMILY_NOTES: Mapping[str, str] = MappingProxyType({
     "self-forcing": "verified against Self-Forcing's released inference config",
     "longlive": "verified against LongLive's inference config (local_attn_size 12 incl. sink 3)",
     "causvid": "from the CausVid paper/config (3 steps 1000/757/522, unwarped); not verified on a release",
@@ -63,10 +30,10 @@ FAMILY_NOTES: dict[str, str] = {
     "rolling-forcing": "sink + rolling window only: Rolling Forcing's joint multi-frame denoising "
                        "schedule is not implemented; sizes not verified",
     "causal-forcing": "frame-wise chunks per the paper; step list assumed equal to Self-Forcing's",
-}
+})
 
 # file-name patterns -> family (checked in order, on the lower-cased base name and parent dir)
-_NAME_PATTERNS: list[tuple[str, str]] = [
+_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"long[-_]?live", "longlive"),
     (r"reward[-_]?forc", "reward-forcing"),
     (r"anchor[-_]?forc", "anchor-forcing"),
@@ -74,7 +41,7 @@ _NAME_PATTERNS: list[tuple[str, str]] = [
     (r"causal[-_]?forc", "causal-forcing"),
     (r"caus[-_]?vid", "causvid"),
     (r"self[-_]?forc", "self-forcing"),
-]
+)
 
 
 def guess_family(path: str) -> str | None:
@@ -85,12 +52,3 @@ def guess_family(path: str) -> str | None:
             if re.search(pat, part):
                 return fam
     return None
-
-
-def register() -> None:
-    """Add the family presets to ``PIPELINE_PRESETS`` (idempotent; never overrides others)."""
-    for name, preset in FAMILY_PRESETS.items():
-        PIPELINE_PRESETS.setdefault(name, preset)
-
-
-register()

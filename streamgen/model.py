@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, frame_mask, stream_attention
+from .attention import attention, attention_backend, stream_attention, stream_backend
 from .config import ModelConfig
 from .errors import ConfigError
+from .masks import FrameMask, frame_mask
 from .rope import RopeTables, apply_rope
 
 
@@ -172,6 +173,24 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.rope = RopeTables(cfg)
         self.attn_backend = "sdpa"
+
+    def attention_backends(self, grad: bool = False) -> dict[str, str]:
+        """The backend each attention call path runs with ``attn_backend`` on this model's
+        device and dtype (``grad``: while autograd records), decided by the same functions the
+        calls dispatch with: "self_bidirectional" (full forward, no mask), "self_block_causal"
+        (full forward, block-causal :class:`FrameMask`), "self_stream" (through a cache) and
+        "cross" (text cross-attention)."""
+        p = next(self.parameters())
+        H, D = self.cfg.num_heads, self.cfg.head_dim
+        with torch.set_grad_enabled(grad):
+            q, k, v = (torch.zeros(1, 2, H, D, device=p.device, dtype=p.dtype, requires_grad=grad)
+                       for _ in range(3))                                    # [1, 2, H, D] each
+            valid = torch.ones(1, 2, dtype=torch.bool, device=p.device)      # [1, 2]
+            b = self.attn_backend
+            return {"self_bidirectional": attention_backend(q, k, v, None, b),
+                    "self_block_causal": attention_backend(q, k, v, FrameMask(2, 1), b),
+                    "self_stream": stream_backend(q, k, v, valid, b),
+                    "cross": attention_backend(q, k[:, :1], v[:, :1], None, b)}
 
     # ------------------------------------------------------------------ pieces
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,11 @@ def check_prompt(prompt, max_chars: int = 2000) -> str:
         raise PromptError("prompt is empty")
     if len(p) > max_chars:
         raise PromptError(f"prompt is {len(p)} characters; the limit is {max_chars}")
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError as e:     # a lone surrogate (JSON "\ud800") is not text any encoder can take
+        raise PromptError(f"prompt is not valid Unicode text: lone surrogate U+{ord(p[e.start]):04X} "
+                          f"at character {e.start}") from None
     return p
 
 
@@ -62,7 +67,8 @@ class MiniLMTextEncoder:
     @torch.no_grad()
     def __call__(self, prompt: str) -> torch.Tensor:
         if prompt not in self._memo:
-            tok = self.model.encode(prompt, output_value="token_embeddings", convert_to_tensor=True)
+            tok = self.model.encode(prompt, output_value="token_embeddings", convert_to_tensor=True,
+                                    show_progress_bar=False)              # silent: no bar per prompt in logs
             tok = tok.float().cpu()[: self.text_len]                       # [n, 384]
             out = torch.zeros(1, self.text_len, tok.shape[-1])
             out[0, : tok.shape[0]] = tok

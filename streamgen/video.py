@@ -1,10 +1,23 @@
-"""Video files with PyAV: H.264 MP4 writing (whole files or incrementally) and reading."""
+"""Video files with PyAV: H.264 MP4 writing (whole files or incrementally) and reading.
+
+Writing is bit-reproducible: the same frames give the same file bytes in any process.
+libx264's macroblock-tree rate control (on by default) reads memory it never initialised
+for small frames such as 64x64, so the first GOP of a file depended on what the process's
+heap happened to hold (decoded pixels up to 9/255 apart between runs with the same seed);
+:func:`x264_options` turns it off and pins x264 to one thread (its output also depends on
+its thread count, which "auto" takes from the machine's core count).
+"""
 from __future__ import annotations
 
 import fractions
 from typing import Iterable
 
 import numpy as np
+
+
+def x264_options(crf: int = 18, preset: str = "veryfast") -> dict[str, str]:
+    """libx264 options of every MP4 streamgen writes: deterministic output (see the module doc)."""
+    return {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "mbtree=0"}
 
 
 class Mp4Writer:
@@ -16,7 +29,7 @@ class Mp4Writer:
         self.stream = self.container.add_stream("libx264", rate=fractions.Fraction(fps, 1))
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
-        self.stream.options = {"crf": str(crf), "preset": "veryfast"}
+        self.stream.options = x264_options(crf)
         self.frames = 0
 
     def write(self, frames: np.ndarray):

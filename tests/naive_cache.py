@@ -16,7 +16,6 @@ class NaiveCache:
         self.sink = [dict() for _ in range(num_layers)]        # EMA sink: layer -> {i: (k, v)}
         self.cross_kv = None
         self.next_frame = 0
-        self.functional = False
 
     def begin_chunk(self, n):
         self.begin_frames(list(range(self.next_frame, self.next_frame + n)))

@@ -27,7 +27,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def server(pipe):
-    app = create_app(pipe, max_sessions=4, pace=4.0, rate_limit=50, stats_interval=0.3)
+    app = create_app(pipe, max_sessions=4, pace=4.0, rate_limit=50, stats_interval=0.3, admission="degrade")
     with ServerThread(app) as srv:
         srv.hub = app.state.hub
         yield srv
@@ -188,7 +188,7 @@ def _rss_mb():
 def test_slow_client_drops_frames_and_memory_stays_flat(pipe):
     """A client that stops reading never grows server memory: the per-session queue is bounded
     (drop-oldest) and drops are counted; sessions churning for a while leave RSS flat."""
-    app = create_app(pipe, max_sessions=4, pace=0, max_queue_frames=6, stats_interval=0.2)
+    app = create_app(pipe, max_sessions=4, pace=0, max_queue_frames=6, stats_interval=0.2, admission="degrade")
     hub = app.state.hub
     with ServerThread(app) as srv:
         async def churn(seconds):
@@ -208,14 +208,15 @@ def test_slow_client_drops_frames_and_memory_stays_flat(pipe):
             stalled = await connect(srv.ws_url, sock=sock, max_size=None, max_queue=1)
             await stalled.send(json.dumps({"type": "start", "prompt": "slow reader"}))
             # loopback kernel buffers absorb megabytes, so also make this connection's socket slow:
-            # every send takes 100 ms (what a congested link does to the sender)
+            # every send takes 300 ms (what a congested link does to the sender; slower than a loaded
+            # CPU generates, so frames must be dropped)
             while not any(c.slot is not None for c in hub.connections):
                 await asyncio.sleep(0.01)
             conn = [c for c in hub.connections if c.slot is not None][0]
             orig = conn.send_bytes
 
             async def slow_send(data):
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.3)
                 await orig(data)
             conn.send_bytes = slow_send
             await asyncio.gather(*(churn(1.5) for _ in range(3)))

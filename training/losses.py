@@ -1,7 +1,8 @@
 """Pure training formulas (no modules, no I/O); each one is checked on a hand-computed case.
 
-Conventions (Wan / Self-Forcing, as streamgen.sampling): x_t = (1 - s) x0 + s eps with
-s = t / 1000, the model predicts the flow v = eps - x0, so x0 = x_t - s v.
+Conventions (Wan / Self-Forcing, as streamgen.sampling, whose ``add_noise``/``to_x0`` the
+per-frame forms here call): x_t = (1 - s) x0 + s eps with s = t / 1000, the model predicts
+the flow v = eps - x0, so x0 = x_t - s v.
 Shapes: latents [B, F, C, H, W], timesteps t [B, F] in [0, 1000].
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 
 import torch
 
-from ..sampling import shift_sigma
+from ..sampling import add_noise, shift_sigma, to_x0
 
 
 # ------------------------------------------------------------------ timesteps
@@ -76,14 +77,13 @@ def sigma_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def noise_latents(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - s) x0 + s eps with per-frame s = t/1000."""
-    s = sigma_of(t).to(x0.dtype)
-    return (1 - s) * x0 + s * eps
+    """x_t = (1 - s) x0 + s eps with per-frame s = t/1000 (the sampler's ``add_noise``)."""
+    return add_noise(x0, eps, sigma_of(t).to(x0.dtype))
 
 
 def x0_from_flow(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0 = x_t - s v (per-frame s)."""
-    return x_t - sigma_of(t).to(v.dtype) * v
+    """x0 = x_t - s v (per-frame s; the sampler's ``to_x0`` in the inputs' dtypes)."""
+    return to_x0(x_t, v, sigma_of(t).to(v.dtype), compute_dtype=None)
 
 
 def flow_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

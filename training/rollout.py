@@ -3,8 +3,9 @@
 Each chunk runs exactly the inference chunk step of ``streamgen.streaming.generate_chunk``
 (``cache.begin_chunk``, few-step denoise through the cache, a context pass at
 ``context_noise``), except that the denoising chain stops at ``exit_step`` (shared by every
-chunk), the steps before it run under no_grad and only the exit step carries gradient. The
-exit step runs with ``cache.functional = True`` so its K/V write returns new tensors and the
+chunk), the steps before it run under no_grad and only the exit step carries gradient. Both
+run the sampler's own functions (``streamgen.sampling.advance`` / ``denoise_step``). The exit
+step runs against ``cache.functional_view()``, whose K/V write returns new tensors, so the
 in-place writes of later no-grad passes cannot corrupt its autograd graph; the context pass
 (detached) then writes the clean K/V in place, as at inference.
 
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..cache import StreamCache
-from ..sampling import add_noise, to_x0
+from ..sampling import add_noise, advance, context_input, denoise_step
 
 STATIC = ("write_index", "key_valid", "q_pos", "k_pos")
 
@@ -55,33 +56,28 @@ def rollout(model, cache: StreamCache, timesteps: list[float], noise: torch.Tens
             out.append(gt[:, s:s + k])
             continue
         tt = lambda t: torch.full((B, k), float(t), device=x.device, dtype=torch.float32)  # noqa: E731
+
+        def flow(c):
+            return lambda x_, t: model(x_, tt(t), cache=c, action=a)       # v [B, k, C, H, W]
         with torch.no_grad():
-            for i in range(exit_step):
-                x0 = to_x0(x, model(x, tt(timesteps[i]), cache=cache, action=a), timesteps[i] / 1000.0)
-                x = add_noise(x0, draw(x.shape), timesteps[i + 1] / 1000.0)
+            x = advance(flow(cache), x, timesteps, draw, exit_step)
         t_exit = timesteps[exit_step]
         if grad:
-            cache.functional = True
-            try:
-                x0 = to_x0(x, model(x, tt(t_exit), cache=cache, action=a), t_exit / 1000.0)
-            finally:
-                cache.functional = False
+            x0 = denoise_step(flow(cache.functional_view()), x, t_exit)
             _fresh_statics(cache)
         else:
             with torch.no_grad():
-                x0 = to_x0(x, model(x, tt(t_exit), cache=cache, action=a), t_exit / 1000.0)
+                x0 = denoise_step(flow(cache), x, t_exit)
         out.append(x0)
         with torch.no_grad():
             if context == "self":
-                ctx = x0.detach()
-                ctx = ctx if context_noise == 0 else add_noise(ctx, draw(ctx.shape), context_noise / 1000.0)
-                t_ctx = tt(context_noise)
+                ctx, t_ctx = context_input(x0.detach(), context_noise, draw), tt(context_noise)
             elif context == "clean":
                 ctx, t_ctx = gt[:, s:s + k], tt(0.0)
             elif context == "noisy":
                 t_ctx = context_t[:, ci:ci + 1].expand(B, k).float()
-                sig = (t_ctx / 1000.0)[:, :, None, None, None]
-                ctx = ((1 - sig) * gt[:, s:s + k] + sig * draw(x.shape)).to(x.dtype)
+                sig = (t_ctx / 1000.0)[:, :, None, None, None]                  # [B, k, 1, 1, 1]
+                ctx = add_noise(gt[:, s:s + k], draw(x.shape), sig).to(x.dtype)
             else:
                 raise ValueError(f"context must be 'self', 'clean' or 'noisy', got {context!r}")
             model(ctx, t_ctx, cache=cache, action=a)

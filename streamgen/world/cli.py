@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _record(args) -> dict:
-    from .data import write_mp4
+    from ..video import write_mp4                    # the one MP4 writer: reproducible bytes
     from .episodes import ACTION_SPACE, generate_clip
 
     actions = None
