@@ -8,14 +8,12 @@ together, each row at its own frame position with its own prompt cross-K/V, acti
 noise generator (seeded per session, drawn in the same order as ``Pipeline.session``, so a
 batched row reproduces a solo session, opening frames included).
 
-Threads. The generation thread ("streamgen-batcher") owns the cache and runs the steps.
-Slow control work never runs there: prompt encodes (cached, latest-wins per session) and a
-session's opening chunk are prepared by the control worker (:class:`~.control.Prep`); the
-generation thread only copies the results into rows at a chunk boundary, at most one
-prompt switch per session per chunk, and at most ``heavy_per_step`` cache-writing
-operations (opening chunks, re-caches) per chunk. Other threads overwrite a session's latest
-action (latest input wins, applied at the next chunk boundary). Steps are paced to real time
-(``pace=1``: one chunk every ``chunk_frames / fps`` seconds; ``pace=0``: as fast as possible).
+Threads. The generation thread ("streamgen-batcher") owns the cache and runs the steps. Prompt
+encodes (cached, latest-wins per session) and opening chunks are prepared by the control worker
+(:class:`~.control.Prep`); the generation thread copies the results into rows at a chunk
+boundary: at most one prompt switch per session and ``heavy_per_step`` cache-writing operations
+(openings, re-caches) per chunk. Actions: latest input wins, applied at the next chunk boundary.
+Pacing: ``pace=1`` one chunk every ``chunk_frames / fps`` seconds; ``pace=0`` as fast as possible.
 
 Admission. The step time per batch size is measured at start-up (:meth:`calibrate`) and on
 every step; ``admission="realtime"`` refuses a session whose batch would not fit the real-time

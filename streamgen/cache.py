@@ -196,8 +196,9 @@ class StreamCache:
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         """Store the chunk's k/v [B, n*T, H, D] in place; return the full buffers of this layer."""
         idx = self._index(k_new)
-        self.k[layer].scatter_(1, idx, k_new)
-        self.v[layer].scatter_(1, idx, v_new)
+        # under autocast K (after an fp32 norm) and V can arrive in different dtypes: store in the cache's
+        self.k[layer].scatter_(1, idx, k_new.to(self.k.dtype))
+        self.v[layer].scatter_(1, idx, v_new.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
     def memory_bytes(self) -> int:
@@ -210,4 +211,5 @@ class FunctionalCache(StreamCache):
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         idx = self._index(k_new)
-        return self.k[layer].scatter(1, idx, k_new), self.v[layer].scatter(1, idx, v_new)
+        return (self.k[layer].scatter(1, idx, k_new.to(self.k.dtype)),
+                self.v[layer].scatter(1, idx, v_new.to(self.v.dtype)))

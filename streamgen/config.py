@@ -45,7 +45,10 @@ def _from_dict(cls, data: dict[str, Any] | None):
 
 def to_dict(cfg) -> dict[str, Any]:
     """Plain-JSON dict of a config dataclass (tuples become lists)."""
-    return json_ready(dataclasses.asdict(cfg))
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        # not dataclasses.asdict: it deep-copies values, and preset tables are read-only mappings
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    return json_ready(cfg)
 
 
 def json_ready(obj):

@@ -327,8 +327,11 @@ class CausalInitStage(TeacherStage):
 
 def _with_ema(model, ema):
     """A copy of ``model`` carrying the EMA weights (for samples)."""
-    import copy
-    m = copy.deepcopy(model)
+    src = getattr(model, "module", model)
+    m = WanDiT(src.cfg).to(next(src.parameters()).device)     # not deepcopy: configs hold read-only tables
+    m.load_state_dict(src.state_dict(), strict=False)
+    if hasattr(src, "attn_backend"):
+        m.attn_backend = src.attn_backend
     with torch.no_grad():
         for k, p in m.named_parameters():
             p.copy_(ema[k])

@@ -40,7 +40,7 @@ from streamgen.sampling import FewStepSampler
 from streamgen.training import losses as L
 from streamgen.training.rollout import rollout
 
-STATIC = ("write_index", "key_valid", "q_pos", "k_pos", "functional")
+STATIC = ("write_index", "key_valid", "q_pos", "k_pos")
 
 
 class CastingCache(StreamCache):
@@ -58,12 +58,12 @@ def checkpoint_blocks(model: WanDiT):
 
         def run(x, e, ctx, kv, fwd=fwd):
             c = ctx.cache
-            if c is None:
+            if c is None or not isinstance(c, StreamCache):   # no cache, or a functional view (own statics)
                 return checkpoint(fwd, x, e, ctx, kv, use_reentrant=False)
-            snap = {n: getattr(c, n) for n in STATIC}
+            snap = {n: getattr(c, n) for n in STATIC if hasattr(c, n)}
 
             def inner(x, e, kv):
-                now = {n: getattr(c, n) for n in STATIC}
+                now = {n: getattr(c, n) for n in STATIC if hasattr(c, n)}
                 for n, v in snap.items():
                     setattr(c, n, v)
                 try:
