@@ -8,12 +8,11 @@ together, each row at its own frame position with its own prompt cross-K/V, acti
 noise generator (seeded per session, drawn in the same order as ``Pipeline.session``, so a
 batched row reproduces a solo session, opening frames included).
 
-Threads. The generation thread ("streamgen-batcher") owns the cache and runs the steps. Prompt
-encodes (cached, latest-wins per session) and opening chunks are prepared by the control worker
-(:class:`~.control.Prep`); the generation thread copies the results into rows at a chunk
-boundary: at most one prompt switch per session and ``heavy_per_step`` cache-writing operations
-(openings, re-caches) per chunk. Actions: latest input wins, applied at the next chunk boundary.
-Pacing: ``pace=1`` one chunk every ``chunk_frames / fps`` seconds; ``pace=0`` as fast as possible.
+Threads. The generation thread ("streamgen-batcher") owns the cache and runs the steps; the
+control worker (:class:`~.control.Prep`) prepares prompt encodes (cached, latest wins) and opening
+chunks, copied into rows at a chunk boundary (one prompt switch per session and ``heavy_per_step``
+cache writes per chunk). Actions: latest wins, at the next chunk. ``pace=1``: one chunk per
+``chunk_frames / fps`` s; ``pace=0``: as fast as possible.
 
 Admission. The step time per batch size is measured at start-up (:meth:`calibrate`) and on
 every step; ``admission="realtime"`` refuses a session whose batch would not fit the real-time

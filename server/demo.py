@@ -1,11 +1,9 @@
 """streamgen demo [--model default] [--port 7860] [--host 127.0.0.1] [--device cpu] [--random-weights]
 
-The interactive Gradio demo: type a prompt (or pick a look), press Start, and the video appears
-frame by frame as the engine generates it. Switch the prompt mid-stream (no restart); W/A/S/D,
-arrow keys, drag or the on-screen pad act at the next chunk. World models start from the world
-renderer's opening frames (or from noise) and show the world itself beside the model: the ground
-truth under the same look, seed and actions, frame for frame. A live readout shows fps, chunk
-latency, frames, device and attention backend; "Download MP4" writes what was generated.
+The interactive Gradio demo: pick a look or type a prompt, press Start, and frames appear as the
+engine makes them; prompt switches and W/A/S/D, arrows, drag or the pad act at the next chunk.
+World models open from the world renderer's frames (or noise) and show the world itself beside
+the model under the same look, seed and actions; a readout shows fps, latency and backend.
 
     streamgen demo                                        # the shipped default model
     streamgen demo --model tiny-world --random-weights    # untrained, for plumbing/speed
