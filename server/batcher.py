@@ -1,12 +1,10 @@
 """Cross-session scheduler: every active stream advances in ONE batched model forward.
 
 One :class:`~streamgen.cache.StreamCache` with ``max_sessions`` rows is allocated up front.
-Active sessions occupy rows ``0..n-1`` (kept compact: when a session leaves, the last row
-is moved into its place), so a step runs the engine's ``generate_chunk`` on a *view* of the
-first ``n`` rows: ``len(denoising_steps) + 1`` model forwards per chunk for all sessions
-together, each row at its own frame position with its own prompt cross-K/V, actions and
-noise generator (seeded per session, drawn in the same order as ``Pipeline.session``, so a
-batched row reproduces a solo session, opening frames included).
+Active sessions occupy rows ``0..n-1`` (compact: a leaving session's row gets the last one), so a
+step runs ``generate_chunk`` on a *view* of the first ``n`` rows (``len(denoising_steps) + 1``
+forwards per chunk for all sessions), each row with its own frame position, prompt cross-K/V,
+actions and noise generator (drawn as in ``Pipeline.session``: a row reproduces a solo session).
 
 Threads. The generation thread ("streamgen-batcher") owns the cache and runs the steps; the
 control worker (:class:`~.control.Prep`) prepares prompt encodes (cached, latest wins) and opening
@@ -14,10 +12,9 @@ chunks, copied into rows at a chunk boundary (one prompt switch per session and 
 cache writes per chunk). Actions: latest wins, at the next chunk. ``pace=1``: one chunk per
 ``chunk_frames / fps`` s; ``pace=0``: as fast as possible.
 
-Admission. The step time per batch size is measured at start-up (:meth:`calibrate`) and on
-every step; ``admission="realtime"`` refuses a session whose batch would not fit the real-time
-chunk period (always admitting one), ``"degrade"`` admits up to ``max_sessions`` and reports
-the predicted real-time factor.
+Admission: step time per batch size, measured at start-up (:meth:`calibrate`) and every step;
+``"realtime"`` refuses a batch that misses the chunk period (one session always fits),
+``"degrade"`` admits up to ``max_sessions`` and reports the real-time factor.
 """
 from __future__ import annotations
 

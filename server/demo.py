@@ -7,7 +7,6 @@ the model under the same look, seed and actions; a readout shows fps, latency an
 
     streamgen demo                                        # the shipped default model
     streamgen demo --model tiny-world --random-weights    # untrained, for plumbing/speed
-
 Design (see ``DemoApp.build``):
 
 * **Start-up**: ``main`` serves the page first and loads the model behind it (Start waits).
