@@ -136,10 +136,14 @@ def unwrap_state_dict(obj: dict[str, Any], prefer: str | None = None) -> dict[st
     return tensors
 
 
-def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint"):
-    """load_state_dict with a clear error naming missing, unexpected and mismatched keys."""
+def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint",
+                   fresh: tuple[str, ...] = ()):
+    """load_state_dict with a clear error naming missing, unexpected and mismatched keys.
+
+    ``fresh``: name fragments of parameters that may be missing from ``sd`` and keep the
+    model's own init (training a grown model from a smaller checkpoint, e.g. "action_mlp")."""
     own = model.state_dict()
-    missing = sorted(k for k in own if k not in sd)
+    missing = sorted(k for k in own if k not in sd and not any(f in k for f in fresh))
     unexpected = sorted(k for k in sd if k not in own)
     shape = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
                    for k in own if k in sd and sd[k].shape != own[k].shape)
@@ -152,7 +156,7 @@ def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: 
         if shape:
             parts.append(f"shape mismatch e.g. {shape[:2]}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in sd.items()}}, strict=True)
 
 
 def save_release(path: str, state_dict: dict[str, torch.Tensor], config: dict | None = None):
@@ -250,7 +254,7 @@ def _model_fields_from_json(cfg: dict) -> dict | None:
 
 
 _SHAPE_FIELDS = ("dim", "ffn_dim", "num_layers", "in_channels", "out_channels", "text_dim", "freq_dim",
-                 "patch_size", "qk_norm", "cross_attn_norm", "pos_embed", "pos_grid")
+                 "patch_size", "qk_norm", "cross_attn_norm", "pos_embed", "pos_grid", "action_inject")
 
 
 def _with_model(preset: dict, fields: dict | None, shape_fields: dict, notes: list[str]) -> dict:

@@ -109,6 +109,11 @@ class ModelConfig:
     # added after the patch embedding, so a small model knows where in the frame a token is
     pos_embed: str = "none"
     pos_grid: int = 32        # rows of each learned position table (max patch rows / cols)
+    # where actions enter: "time" (added to the per-frame time embedding, so only through
+    # adaLN) | "time+blocks" (also a per-block action MLP on [LN(token), action] added to every
+    # token before self-attention: action x content interactions, Matrix-Game's action module
+    # reduced to one MLP)
+    action_inject: str = "time"
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -131,6 +136,8 @@ class ModelConfig:
             raise ConfigError(f"pos_embed must be 'none' or 'learned', got {self.pos_embed!r}")
         if self.pos_grid <= 0:
             raise ConfigError("pos_grid must be > 0")
+        if self.action_inject not in ("time", "time+blocks"):
+            raise ConfigError(f"action_inject must be 'time' or 'time+blocks', got {self.action_inject!r}")
 
     @property
     def head_dim(self) -> int:

@@ -206,4 +206,6 @@ def infer_model_config(sd: dict[str, torch.Tensor], head_dim: int = 128) -> dict
     cfg["num_heads"] = max(1, dim // head_dim) if dim % head_dim == 0 else 1
     if "pos_embedding_h" in sd:                                 # streamgen's small models
         cfg.update(pos_embed="learned", pos_grid=shape("pos_embedding_h")[0])
+    if "action_features.0.weight" in sd:
+        cfg["action_inject"] = "time+blocks"
     return cfg

@@ -11,6 +11,8 @@ Routing of ``attention(q, k, v, mask)`` with backend "triton":
 ``stream_attention`` -> the streaming kernel (inference only: None when autograd records).
 The ``*_supported`` predicates say beforehand whether a call runs, so the dispatcher in
 ``streamgen.attention`` knows (and can report) the backend of a call without running it.
+With backend "triton" the model also runs the fused norms of ``kernels.fused_norm``
+(q/k RMSNorm + RoPE, LayerNorm + adaLN modulate) when autograd does not record.
 """
 from __future__ import annotations
 
@@ -90,3 +92,21 @@ def triton_stream_attention(q, k_cache, v_cache, key_valid, k_rope, q_rope=None)
         return None
     from streamgen.kernels.stream_attention import stream_attention
     return stream_attention(q, k_cache, v_cache, key_valid, k_rope=k_rope, q_rope=q_rope)
+
+
+def fused_rmsnorm_rope(x, weight, cos, sin, heads: int, eps: float):
+    """RMSNorm(x) * weight then RoPE, x [B, L, dim] -> [B, L, H, D] in one kernel (inference:
+    None when autograd records or the kernel cannot take the call; the caller runs PyTorch)."""
+    if _needs_grad(x, weight, cos, sin):
+        return None
+    from streamgen.kernels.fused_norm import rmsnorm_rope
+    return rmsnorm_rope(x, weight, cos, sin, heads, eps)
+
+
+def fused_layernorm_modulate(x, shift, scale, eps: float):
+    """LayerNorm(x) * (1 + scale) + shift per frame, x [B, L, dim] -> [B, L, dim] in one kernel
+    (inference: None when autograd records or unsupported)."""
+    if _needs_grad(x, shift, scale):
+        return None
+    from streamgen.kernels.fused_norm import layernorm_modulate
+    return layernorm_modulate(x, shift, scale, eps)

@@ -61,19 +61,27 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+    def _norm_rope(self, norm, x_lin, ctx: "ForwardContext", rotate: bool):
+        """norm(x_lin) as heads [B, L, H, D], rotated by the queries' RoPE if ``rotate``; with
+        backend "triton" one fused kernel when it can (inference), else PyTorch."""
+        if rotate and ctx.backend == "triton" and isinstance(norm, RMSNorm):
+            from .kernels_bridge import fused_rmsnorm_rope
+            out = fused_rmsnorm_rope(x_lin, norm.weight, *ctx.q_rope, self.heads, norm.eps)
+            if out is not None:
+                return out
+        y = norm(x_lin).view(*x_lin.shape[:2], self.heads, self.head_dim)
+        return apply_rope(y, *ctx.q_rope) if rotate else y
+
     def forward(self, x, ctx: "ForwardContext"):
         B, L, _ = x.shape
-        shape = (B, L, self.heads, self.head_dim)
-        q = self.norm_q(self.q(x)).view(shape)
-        k = self.norm_k(self.k(x)).view(shape)
-        v = self.v(x).view(shape)
-        q = apply_rope(q, *ctx.q_rope)
         cache = ctx.cache
+        q = self._norm_rope(self.norm_q, self.q(x), ctx, rotate=True)                    # [B, L, H, D]
+        rotate_k = cache is None or cache.cfg.rope == "absolute"    # relative caches rotate at attention
+        k = self._norm_rope(self.norm_k, self.k(x), ctx, rotate=rotate_k)
+        v = self.v(x).view(B, L, self.heads, self.head_dim)
         if cache is None:
-            out = attention(q, apply_rope(k, *ctx.q_rope), v, mask=ctx.mask, backend=ctx.backend)
+            out = attention(q, k, v, mask=ctx.mask, backend=ctx.backend)
         else:
-            if cache.cfg.rope == "absolute":
-                k = apply_rope(k, *ctx.q_rope)
             k_all, v_all = cache.write(self.layer, k, v)                     # [B, S_tok, H, D]
             out = stream_attention(q, k_all, v_all, cache.key_valid, backend=ctx.backend,
                                    k_rope=ctx.k_rope)
@@ -113,17 +121,37 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        if cfg.actions.enabled and cfg.action_inject == "time+blocks":
+            self.action_norm = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+            self.action_mlp = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+            nn.init.zeros_(self.action_mlp[2].weight)        # starts as the "time" model
+            nn.init.zeros_(self.action_mlp[2].bias)
 
-    def forward(self, x, e, ctx: "ForwardContext", cross_kv):
-        # x [B, L, dim]; e [B, F, 6, dim]
+    def forward(self, x, e, ctx: "ForwardContext", cross_kv=None, context=None, act=None):
+        # x [B, L, dim]; e [B, F, 6, dim]; cross_kv (k, v) [B, Lc, H, D] each, or computed here
+        # from context [B, Lc, dim] (inside this block's forward: what FSDP2 unshards);
+        # act [B, F, dim] per-frame action features ("time+blocks" models) or None
+        if cross_kv is None:
+            cross_kv = self.cross_attn.kv(context)
         B, L, d = x.shape
         Fr = e.shape[1]
         m = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)               # 6 x [B, F, 1, dim]
         frames = lambda t: t.view(B, Fr, L // Fr, d)                        # noqa: E731
-        y = self.self_attn((frames(self.norm1(x)) * (1 + m[1]) + m[0]).view(B, L, d), ctx)
+        if act is not None and hasattr(self, "action_mlp"):
+            a = act[:, :, None, :].expand(B, Fr, L // Fr, d).reshape(B, L, d)
+            x = x + self.action_mlp(torch.cat([self.action_norm(x), a.to(x.dtype)], dim=-1))
+
+        def modulate(norm, x, shift, scale):         # LN(x) * (1 + scale) + shift per frame [B, L, d]
+            if ctx.backend == "triton":
+                from .kernels_bridge import fused_layernorm_modulate
+                y = fused_layernorm_modulate(x, shift, scale, norm.eps)
+                if y is not None:
+                    return y
+            return (frames(norm(x)) * (1 + scale) + shift).view(B, L, d)
+        y = self.self_attn(modulate(self.norm1, x, m[0], m[1]), ctx)
         x = x + (frames(y) * m[2]).view(B, L, d)
         x = x + self.cross_attn(self.norm3(x), cross_kv, ctx.backend)
-        y = self.ffn((frames(self.norm2(x)) * (1 + m[4]) + m[3]).view(B, L, d))
+        y = self.ffn(modulate(self.norm2, x, m[3], m[4]))
         return x + (frames(y) * m[5]).view(B, L, d)
 
 
@@ -164,6 +192,8 @@ class WanDiT(nn.Module):
             self.action_embedding = nn.Sequential(nn.Linear(cfg.actions.dim, d), nn.SiLU(), nn.Linear(d, d))
             nn.init.zeros_(self.action_embedding[2].weight)
             nn.init.zeros_(self.action_embedding[2].bias)
+            if cfg.action_inject == "time+blocks":             # features for the blocks' action MLPs
+                self.action_features = nn.Sequential(nn.Linear(cfg.actions.dim, d), nn.SiLU(), nn.Linear(d, d))
         if cfg.pos_embed == "learned":
             self.pos_embedding_h = nn.Parameter(torch.zeros(cfg.pos_grid, d))   # [rows, dim]
             self.pos_embedding_w = nn.Parameter(torch.zeros(cfg.pos_grid, d))   # [cols, dim]
@@ -248,8 +278,12 @@ class WanDiT(nn.Module):
         B, Fr = x.shape[:2]
         if t.dim() == 1:
             t = t[:, None].expand(B, Fr)
+        context = None
         if cross_kv is None:
-            cross_kv = cache.cross_kv if (cache is not None and text is None) else self.cross_kv(text)
+            if cache is not None and text is None:
+                cross_kv = cache.cross_kv
+            else:                            # each block projects its own K/V (= self.cross_kv(text))
+                context = self.embed_text(text)                               # [B, Lc, dim]
         tokens, grid = self._patchify(x)
         f, h, w = grid
         e, e0 = self._time(t, action)
@@ -267,6 +301,9 @@ class WanDiT(nn.Module):
                 k_rope = self.rope.grid(cache.k_pos, h, w)
             ctx = ForwardContext(self.rope.grid(cache.q_pos, h, w), k_rope=k_rope, cache=cache,
                                  backend=self.attn_backend)
-        for blk, kv in zip(self.blocks, cross_kv):
-            tokens = blk(tokens, e0, ctx, kv)
+        act = None
+        if action is not None and hasattr(self, "action_features"):
+            act = self.action_features(action.to(self.action_features[0].weight.dtype))   # [B, F, dim]
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens, e0, ctx, None if cross_kv is None else cross_kv[i], context, act)
         return self._unpatchify(self.head(tokens, e), grid)

@@ -177,3 +177,40 @@ def test_learned_position_embedding_streams_like_the_full_forward():
     assert "pos_embedding_h" in model.state_dict()
     with pytest.raises(Exception, match="pos_grid"):
         model(torch.zeros(1, 3, cfg.in_channels, 40, 40), t[:, :3], text)
+
+
+def test_block_action_pathway_streams_like_the_full_forward_and_grows_from_time_models():
+    """action_inject="time+blocks": streaming == block-causal with actions, the keys change the
+    output through the block MLPs alone, and a "time" checkpoint loads into it only when the
+    new MLPs are named fresh (they start at zero, so the grown model equals the old one)."""
+    from streamgen.checkpoint import CheckpointError, check_and_load
+    from streamgen.config import ActionSpace, ConfigError
+    base = dataclasses.replace(ModelConfig.from_name("tiny"), actions=ActionSpace(keys=("W", "A"), mouse=True))
+    with pytest.raises(ConfigError, match="action_inject"):
+        dataclasses.replace(base, action_inject="cross")
+    torch.manual_seed(0)
+    old = WanDiT(base).eval()
+    cfg = dataclasses.replace(base, action_inject="time+blocks")
+    grown = WanDiT(cfg).eval()
+    with pytest.raises(CheckpointError, match="missing"):
+        check_and_load(grown, old.state_dict())
+    check_and_load(grown, old.state_dict(), fresh=("action_mlp", "action_features"))
+    x, t, text = inputs(cfg, 6)
+    act = torch.randn(1, 6, cfg.actions.dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, text, action=act), old(x, t, text, action=act))
+        for p in grown.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        grown.action_embedding[2].weight.zero_()          # keys reach the output only via blocks
+        grown.action_embedding[2].bias.zero_()
+        other = grown(x, t, text, action=-act)
+        ref = grown(x, t, text, action=act, attn_mode="block_causal", chunk_frames=3, sink_frames=3,
+                    window_frames=6)
+        assert (other - grown(x, t, text, action=act)).abs().max() > 1e-4
+        cache = StreamCache(cfg, CacheConfig(sink_frames=3, window_frames=6, max_frames=12), 1, 16, 3)
+        cache.cross_kv = grown.cross_kv(text)
+        outs = []
+        for s in range(0, 6, 3):
+            cache.begin_chunk(3)
+            outs.append(grown(x[:, s:s + 3], t[:, s:s + 3], cache=cache, action=act[:, s:s + 3]))
+        assert (torch.cat(outs, 1) - ref).abs().max().item() <= 1e-5

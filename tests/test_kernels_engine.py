@@ -130,3 +130,26 @@ def test_every_backend_string_runs_and_reports(backend):
     out = stream_attention(q[:, :5], k, v, valid, backend=backend)
     assert stream_backend(q[:, :5], k, v, valid, backend) in (ran, "sdpa")
     torch.testing.assert_close(out, math_attention(q[:, :5], k, v, valid[:, None, None, :]), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_norms_run_in_the_triton_stream_and_match(monkeypatch):
+    """backend "triton": the model's q/k RMSNorm+RoPE and LayerNorm+modulate run the fused kernels
+    (inference only; a recording forward keeps PyTorch) and the stream equals the SDPA one."""
+    import streamgen.kernels.fused_norm as fn
+    model = _model()
+    cache_cfg = CacheConfig(sink_frames=1, window_frames=4, rope="absolute")
+    ref, _ = _rollout(model, cache_cfg, "sdpa")
+    ran = []
+    monkeypatch.setattr(fn, "rmsnorm_rope", _spy(fn.rmsnorm_rope, ran, "rmsnorm_rope"))
+    monkeypatch.setattr(fn, "layernorm_modulate", _spy(fn.layernorm_modulate, ran, "layernorm_modulate"))
+    out, _ = _rollout(model, cache_cfg, "triton")
+    calls = FRAMES // CHUNK * 3 * model.cfg.num_layers                 # (2 steps + context pass) per chunk
+    assert ran.count("rmsnorm_rope") == 2 * calls and ran.count("layernorm_modulate") == 2 * calls
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ran.clear()
+    model.train()
+    cfg = model.cfg
+    x = torch.randn(1, 4, cfg.in_channels, H, W).to(DEV)
+    model(x, torch.full((1, 4), 500.0, device=DEV), torch.randn(1, cfg.text_len, cfg.text_dim).to(DEV),
+          attn_mode="block_causal", chunk_frames=CHUNK).sum().backward()
+    assert ran == []                                                   # no autograd through them

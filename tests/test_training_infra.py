@@ -181,3 +181,49 @@ def test_yaml_reads_scientific_floats_and_model_rejects_strings(tmp_path):
     assert load_run_config(str(p)).optim.lr == 3e-4
     with pytest.raises(ConfigError, match="eps"):
         ModelConfig(eps="1e-06")
+
+
+def _torchrun(cfg_path, *extra, env=None, timeout=180):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "streamgen.training.train", "--config", cfg_path, *extra]
+    return subprocess.run(cmd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_fsdp2_two_rank_sharded_checkpoint_resume(tmp_path):
+    """FSDP2 (on CPU/gloo here) checkpoints with torch.distributed.checkpoint: each rank writes its
+    shards (models, optimizers, EMA, its RNG), nothing is gathered; a run stopped and resumed from
+    them reaches the same state bit for bit. (Both runs stop before the end: the FSDP2 release
+    export is the stages' business, see training/trainers.py ema_state_dict.)"""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    _fixture_releases(tmp_path)
+    env = dict(ENV, STREAMGEN_FSDP="1")
+    r = _train(_cfg(tmp_path, stage="teacher", out=str(tmp_path / "prep"), steps=0))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = _cfg(tmp_path, stage="teacher", out=str(tmp_path / "ref"), steps=6)
+    r = _torchrun(ref, "--stop-after", "5", env=env)                  # checkpoints at 2 and 4
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    run = _cfg(tmp_path, stage="teacher", out=str(tmp_path / "resumed"), steps=6)
+    r = _torchrun(run, "--stop-after", "2", env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    ck = tmp_path / "resumed" / "ckpt"
+    assert sorted(os.listdir(ck)) == ["step-00000002"]
+    assert sorted(os.listdir(ck / "step-00000002")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    r = _torchrun(run, "--stop-after", "2", env=env)                  # resumes at 2, saves 4
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "resumed from" in r.stdout and "step-00000002" in r.stdout
+    full = {}
+    for name in ("ref", "resumed"):
+        assert sorted(os.listdir(tmp_path / name / "ckpt")) == ["step-00000002", "step-00000004"]
+        dcp_to_torch_save(str(tmp_path / name / "ckpt" / "step-00000004"), str(tmp_path / f"{name}.pt"))
+        full[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    sa, sb = full["ref"], full["resumed"]
+    assert int(sa["step"]) == 4 and {"rng_cpu.rank0", "rng_cpu.rank1", "model.dit", "optim.dit", "ema"} <= set(sa)
+    init, _ = read_weights(str(tmp_path / "teacher.safetensors"))
+    assert sa["model.dit"].keys() == init.keys()                      # whole tensors, Wan names
+    assert any(not torch.equal(sa["model.dit"][k], init[k]) for k in init)  # it trained
+    for part in ("model.dit", "ema"):
+        for k in sa[part]:
+            assert torch.equal(sa[part][k], sb[part][k]), (part, k)
+    for k, v in sa["optim.dit"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(sb["optim.dit"]["state"][k][name])), (k, name)

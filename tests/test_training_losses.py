@@ -123,3 +123,16 @@ def test_lr_schedule_hand_computed():
     assert lr_at(13, 14, 2.0, 4, "cosine", 0.1) == pytest.approx(0.2)
     assert lr_at(13, 14, 2.0, 0, "cosine", 0.0) == pytest.approx(0.0)
     assert lr_at(6, 13, 1.0, 0, "cosine", 0.0) == pytest.approx(0.5)   # p = 6/12
+
+
+def test_sample_timesteps_high_noise_share():
+    g = torch.Generator().manual_seed(0)
+    t = L.sample_timesteps(4000, 6, per="chunk", chunk_frames=3, t_max=1000.0, high_p=0.5,
+                           high_min=900.0, generator=g)
+    assert torch.all(t[:, 0] == t[:, 2]) and torch.all(t[:, 3] == t[:, 5])       # still per chunk
+    share = float((t >= 900).float().mean())
+    base = float((L.sample_timesteps(4000, 6, per="chunk", t_max=1000.0, generator=g) >= 900).float().mean())
+    assert abs(share - (0.5 + 0.5 * base)) < 0.03 and share > base + 0.2
+    assert float(t.max()) <= 1000
+    with pytest.raises(ValueError):
+        L.sample_timesteps(2, 3, high_p=0.5, high_min=990.0, t_max=980.0)

@@ -96,6 +96,8 @@ class RunConfig:
     shift: float = 5.0
     t_min: float = 20.0
     t_max: float = 980.0
+    t_high_p: float = 0.0                  # P(a draw is U(t_high_min, t_max)): loss where layout is decided
+    t_high_min: float = 900.0
     timestep_per: str = "chunk"            # "clip" | "chunk" | "frame" (teacher/critic noise levels)
     text_dropout: float = 0.1
     action_dropout: float = 0.1
@@ -169,6 +171,8 @@ class RunConfig:
             raise ConfigError("dropout probabilities must lie in [0, 1]")
         if not 0 <= self.t_min < self.t_max <= 1000:
             raise ConfigError("need 0 <= t_min < t_max <= 1000")
+        if not 0.0 <= self.t_high_p <= 1.0 or not self.t_min <= self.t_high_min < self.t_max:
+            raise ConfigError("need 0 <= t_high_p <= 1 and t_min <= t_high_min < t_max")
         if self.gen_every <= 0 or not 0 <= self.ema_decay < 1:
             raise ConfigError("gen_every > 0 and 0 <= ema_decay < 1 required")
         if self.stage != "autoencoder" and self.stage != "teacher" and not self.teacher:

@@ -17,21 +17,25 @@ from ..sampling import add_noise, shift_sigma, to_x0
 # ------------------------------------------------------------------ timesteps
 def sample_timesteps(batch: int, frames: int, *, shift: float = 5.0, t_min: float = 20.0,
                      t_max: float = 980.0, per: str = "clip", chunk_frames: int = 3,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, high_p: float = 0.0,
+                     high_min: float = 900.0) -> torch.Tensor:
     """Timesteps [B, F]: u ~ U(0,1) per clip | chunk | frame, shifted, then clamped to [t_min, t_max].
 
-    t = clamp(1000 * shift*u / (1 + (shift-1)*u), t_min, t_max).
+    t = clamp(1000 * shift*u / (1 + (shift-1)*u), t_min, t_max). With ``high_p`` > 0 each
+    draw is instead U(high_min, t_max) with probability ``high_p``: more of the loss where
+    the sample's layout (and the actions' effect on it) is decided.
     """
-    if per == "clip":
-        u = torch.rand(batch, 1, generator=generator).expand(batch, frames)
-    elif per == "chunk":
-        n = -(-frames // chunk_frames)
-        u = torch.rand(batch, n, generator=generator).repeat_interleave(chunk_frames, 1)[:, :frames]
-    elif per == "frame":
-        u = torch.rand(batch, frames, generator=generator)
-    else:
+    n = {"clip": 1, "chunk": -(-frames // chunk_frames), "frame": frames}.get(per)
+    if n is None:
         raise ValueError(f"per must be 'clip', 'chunk' or 'frame', got {per!r}")
-    return shifted_timesteps(u, shift, t_min, t_max)
+    reps = {"clip": frames, "chunk": chunk_frames, "frame": 1}[per]
+    t = shifted_timesteps(torch.rand(batch, n, generator=generator), shift, t_min, t_max)   # [B, n]
+    if high_p > 0:
+        if not t_min <= high_min < t_max:
+            raise ValueError(f"need t_min <= high_min < t_max, got {high_min}")
+        hi = high_min + (t_max - high_min) * torch.rand(batch, n, generator=generator)
+        t = torch.where(torch.rand(batch, n, generator=generator) < high_p, hi, t)
+    return t.repeat_interleave(reps, 1)[:, :frames].contiguous()
 
 
 def shifted_timesteps(u: torch.Tensor, shift: float, t_min: float = 20.0, t_max: float = 980.0) -> torch.Tensor:

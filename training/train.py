@@ -4,8 +4,8 @@ Also: ``streamgen train --config ...``, ``torchrun --nproc_per_node=N -m streamg
 --config FILE.yaml`` (gloo on CPU, FSDP2 on GPUs). ``--config`` may be a directory: every
 ``*.yaml`` in it runs in name order (a recipe, e.g. training/configs/default/); finished stages
 (``OUT/done.json``) are skipped and an interrupted stage resumes from its last checkpoint.
-Outputs in OUT: ckpt/step-*.pt, metrics.jsonl, loss.png, samples/step-*.mp4,
-release.safetensors, done.json.
+Outputs in OUT: ckpt/step-*.pt (FSDP2 runs: ckpt/step-*/, torch.distributed.checkpoint
+shards), metrics.jsonl, loss.png, samples/step-*.mp4, release.safetensors, done.json.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -22,7 +23,7 @@ import yaml
 from ..errors import ConfigError
 from .checkpointing import latest, load_checkpoint, save_checkpoint
 from .config import load_run_config, yaml_load
-from .distributed import Dist
+from .distributed import Dist, latest_sharded, load_sharded, save_sharded
 from .logging import RunLogger, plot_losses, save_video
 
 
@@ -60,13 +61,25 @@ def run_stage(cfg, dist: Dist, stop_after: int | None = None) -> dict:
     stage = build_stage(cfg, dist)
     ckdir = os.path.join(out, "ckpt")
     start = 0
-    ck = latest(ckdir)
+    # FSDP2: sharded torch.distributed.checkpoint folders, every rank reads and writes its shards
+    ck = latest_sharded(ckdir) if dist.fsdp else latest(ckdir)
     if ck:
-        state = load_checkpoint(ck)
-        stage.load(state)
-        start = int(state["step"])
+        if dist.fsdp:
+            start = load_sharded(ck, stage, dist)
+        else:
+            state = load_checkpoint(ck)
+            stage.load(state)
+            start = int(state["step"])
         if dist.main:
             print(f"[train] {cfg.stage}: resumed from {ck} at step {start}")
+
+    def save(at: int):
+        if dist.fsdp:
+            save_sharded(ckdir, at, stage, dist)
+        elif dist.main:
+            save_checkpoint(ckdir, at, stage.state())
+    # with FSDP2 every rank takes part in what gathers or runs the sharded model (samples, export)
+    collective = dist.main or dist.fsdp
     log = RunLogger(out, cfg.steps, start, enabled=dist.main, progress=cfg.progress)
     last_save, t0, ran, step = time.time(), time.time(), 0, start
     metrics = {}
@@ -78,21 +91,25 @@ def run_stage(cfg, dist: Dist, stop_after: int | None = None) -> dict:
         log.advance()
         timed = dist.world == 1 and (time.time() - last_save) > 60 * cfg.ckpt_minutes
         if (step + 1) % cfg.ckpt_every == 0 or timed:
-            if dist.main:
-                save_checkpoint(ckdir, step + 1, stage.state())
+            save(step + 1)
             dist.barrier()
             last_save = time.time()
-        if dist.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            _samples(stage, out, step + 1, cfg)
+        if collective and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            _samples(stage, out, step + 1, cfg, write=dist.main)
         if stop_after is not None and ran >= stop_after and step + 1 < cfg.steps:
             log.close()
             return {"stopped_at": step + 1}
     final = max(step + 1, start) if cfg.steps else 0
+    if not ck or final != start:
+        save(final)
+    if collective:
+        if dist.main:
+            stage.export(out)
+        else:                                # FSDP2: gather along, write nothing
+            with tempfile.TemporaryDirectory() as scratch:
+                stage.export(scratch)
+        _samples(stage, out, final, cfg, write=dist.main)
     if dist.main:
-        if not ck or final != start:
-            save_checkpoint(ckdir, final, stage.state())
-        stage.export(out)
-        _samples(stage, out, final, cfg)
         info = {"stage": cfg.stage, "steps": cfg.steps, "seconds_this_run": round(time.time() - t0, 1),
                 "setup_seconds": round(t0 - t_build, 1), "last_metrics": metrics}
         with open(done, "w", encoding="utf-8") as f:
@@ -102,14 +119,15 @@ def run_stage(cfg, dist: Dist, stop_after: int | None = None) -> dict:
     return {"steps": cfg.steps}
 
 
-def _samples(stage, out, step, cfg):
-    plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+def _samples(stage, out, step, cfg, write: bool = True):
+    if write:
+        plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     try:
         frames = stage.sample(step)
     except Exception as e:  # a sample must never kill a run
         print(f"[train] sample failed: {type(e).__name__}: {e}", file=sys.stderr)
         return
-    if frames is not None:
+    if frames is not None and write:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         save_video(os.path.join(out, "samples", f"step-{step:08d}.mp4"), frames,
                    fps=stage.pcfg.fps)

@@ -37,7 +37,8 @@ def load_dit(pcfg, path: str | None, dist: Dist) -> WanDiT:
     m = WanDiT(pcfg.model)
     if path:
         sd, _ = read_weights(path)
-        check_and_load(m, unwrap_state_dict(sd), source=path)
+        # a "time+blocks" model may start from a "time" checkpoint: its action MLPs start at zero
+        check_and_load(m, unwrap_state_dict(sd), source=path, fresh=("action_mlp", "action_features"))
     return m.to(dist.device)
 
 
@@ -282,7 +283,8 @@ class TeacherStage(LatentStage):
         m, g, c = self.mods["dit"], self.gen(step), self.cfg
         x0, text, act = self.batch(step)
         B, Fr = x0.shape[:2]
-        t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per=c.timestep_per,
+        t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max,
+                               high_p=c.t_high_p, high_min=c.t_high_min, per=c.timestep_per,
                                chunk_frames=self.k, generator=g).to(self.device)
         clean = L.clean_chunk_mask(B, -(-Fr // self.k), c.clean_chunks, c.clean_p, g)
         t, w = L.apply_clean_chunks(t, clean, self.k)
@@ -493,7 +495,8 @@ class DMDStage(StudentStage):
         P = min(c.start_chunks * self.k, Fr)                          # real opening frames (clean, no loss)
         start = (torch.arange(-(-Fr // self.k)) < c.start_chunks)[None].expand(B, -1)
         if gen_step:
-            t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per="clip",
+            t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max,
+                               high_p=c.t_high_p, high_min=c.t_high_min, per="clip",
                                    generator=g).to(self.device)
             t, _ = L.apply_clean_chunks(t, start, self.k)
             with torch.no_grad():
@@ -507,7 +510,8 @@ class DMDStage(StudentStage):
             out["gen_grad_norm"] = self.update("generator", loss, step, c.optim)
             self.ema_step(self.mods["generator"], step)
         # critic: flow matching on the detached rollout, every step
-        t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max, per=c.timestep_per,
+        t = L.sample_timesteps(B, Fr, shift=c.shift, t_min=c.t_min, t_max=c.t_max,
+                               high_p=c.t_high_p, high_min=c.t_high_min, per=c.timestep_per,
                                chunk_frames=self.k, generator=g).to(self.device)
         t, w = L.apply_clean_chunks(t, start, self.k)
         eps = self.randn(x.shape, g)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,14 +37,58 @@ def make_data(seeds, frames: int = 16) -> dict:
             "weather": np.array([WEATHERS.index(c["look"].weather) for c in clips])}
 
 
+BLUR_MAX = 0.7          # augmentation: at most this much of a 3x3 box blur mixed in, per sample
+NOISE_MAX = 0.03        # augmentation: Gaussian noise std up to this, per sample
+MOTION_WEIGHT = 4.0     # encoder loss: weight of the motion regression next to the 4 classifiers
+KEY_POS_WEIGHT_MAX = 10.0   # IDM: cap of the rare-key positive weight
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One evaluator's optimisation: AdamW at ``lr``; ``max_lr`` set -> a one-cycle schedule
+    peaking there, else constant; ``epoch_scale`` x the --epochs passes over the data."""
+
+    lr: float
+    batch: int
+    max_lr: float | None = None
+    epoch_scale: int = 1
+    weight_decay: float = 1e-4
+
+
+FITS = MappingProxyType({"idm": Fit(lr=2e-3, batch=64, max_lr=3e-3),
+                         "encoder": Fit(lr=2e-3, batch=64, max_lr=3e-3, epoch_scale=2),
+                         "theme": Fit(lr=3e-3, batch=128)})
+
+
+def fit(net: torch.nn.Module, n: int, loss_of: Callable[[Sequence[int]], torch.Tensor], cfg: Fit, epochs: int,
+        permute: Callable[[int], Sequence[int]]) -> None:
+    """The one training loop: ``epochs * cfg.epoch_scale`` passes over ``n`` samples in the order
+    ``permute(n)`` draws per pass, ``loss_of(batch indices)`` per batch of ``cfg.batch``."""
+    opt = torch.optim.AdamW(net.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    passes = epochs * cfg.epoch_scale
+    sched = None
+    if cfg.max_lr is not None:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.max_lr, total_steps=passes * -(-n // cfg.batch))
+    for _ in range(passes):
+        perm = permute(n)
+        for i in range(0, n, cfg.batch):
+            loss = loss_of(perm[i:i + cfg.batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+    net.eval()
+
+
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """x [B, ..., 3, 32, 32] -> randomly blurred and noised copy (per sample)."""
     shape = x.shape
     flat = x.reshape(-1, 3, 32, 32)
     blur = F.avg_pool2d(F.pad(flat, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    u = torch.rand(shape[0], generator=g).view(-1, *([1] * (len(shape) - 1)))
-    x = x + u * 0.7 * (blur.reshape(shape) - x)
-    return x + torch.randn(shape, generator=g) * 0.03 * torch.rand(shape[0], generator=g).view_as(u)
+    u = torch.rand(shape[0], generator=g).view(-1, *([1] * (len(shape) - 1)))        # [B, 1, ...]
+    x = x + u * BLUR_MAX * (blur.reshape(shape) - x)
+    return x + torch.randn(shape, generator=g) * NOISE_MAX * torch.rand(shape[0], generator=g).view_as(u)
 
 
 def _windows(data: dict):
@@ -77,7 +124,7 @@ def encoder_batch(data, idx, g: torch.Generator, rng: np.random.Generator):
 
 def encoder_loss(out: dict, tg: dict) -> torch.Tensor:
     loss = sum(F.cross_entropy(out[k], tg[k]) for k in ("theme", "time", "weather", "order"))
-    return loss + 4.0 * F.mse_loss(out["motion"], tg["motion"])
+    return loss + MOTION_WEIGHT * F.mse_loss(out["motion"], tg["motion"])
 
 
 def train(args) -> dict:
@@ -98,27 +145,19 @@ def train(args) -> dict:
         return x[:, :-1].reshape(-1, 3, 32, 32), x[:, 1:].reshape(-1, 3, 32, 32), \
             torch.as_tensor(keys.reshape(-1, 4)), torch.as_tensor(turn.reshape(-1))
 
+    torch_perm = lambda n: torch.randperm(n, generator=g)          # noqa: E731
     # ---- inverse dynamics -------------------------------------------------------------------
     t1 = time.perf_counter()
     idm = InverseDynamics()
     a, b, k, t = pairs(tr)
-    opt = torch.optim.AdamW(idm.parameters(), 2e-3, weight_decay=1e-4)
-    pos_w = ((1 - k.mean(0)) / k.mean(0).clamp_min(1e-3)).clamp(1, 10)          # balance rare keys
+    pos_w = ((1 - k.mean(0)) / k.mean(0).clamp_min(1e-3)).clamp(1, KEY_POS_WEIGHT_MAX)   # balance rare keys
     turn_w = (1.0 / torch.bincount(t, minlength=3).float().clamp_min(1)) * t.numel() / 3
-    steps = args.epochs * ((a.shape[0] + 63) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    for ep in range(args.epochs):
-        perm = torch.randperm(a.shape[0], generator=g)
-        for i in range(0, a.shape[0], 64):
-            j = perm[i:i + 64]
-            both = augment(torch.stack([a[j], b[j]], 1), g)
-            kl, tl = idm(both[:, 0], both[:, 1])
-            loss = F.binary_cross_entropy_with_logits(kl, k[j], pos_weight=pos_w) + F.cross_entropy(tl, t[j], weight=turn_w)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    idm.eval()
+
+    def idm_loss(j):
+        both = augment(torch.stack([a[j], b[j]], 1), g)
+        kl, tl = idm(both[:, 0], both[:, 1])
+        return F.binary_cross_entropy_with_logits(kl, k[j], pos_weight=pos_w) + F.cross_entropy(tl, t[j], weight=turn_w)
+    fit(idm, a.shape[0], idm_loss, FITS["idm"], args.epochs, torch_perm)
     a, b, k, t = pairs(te)
     with torch.no_grad():
         kl, tl = idm(a, b)
@@ -132,20 +171,11 @@ def train(args) -> dict:
     t1 = time.perf_counter()
     enc = VideoEncoder()
     idx = _windows(tr)
-    opt = torch.optim.AdamW(enc.parameters(), 2e-3, weight_decay=1e-4)
-    steps = 2 * args.epochs * ((len(idx) + 63) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    for ep in range(2 * args.epochs):
-        perm = rng.permutation(len(idx))
-        for i in range(0, len(idx), 64):
-            x, tg = encoder_batch(tr, [idx[j] for j in perm[i:i + 64]], g, rng)
-            _, out = enc(augment(x, g))
-            loss = encoder_loss(out, tg)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    enc.eval()
+
+    def enc_loss(js):
+        x, tg = encoder_batch(tr, [idx[j] for j in js], g, rng)
+        return encoder_loss(enc(augment(x, g))[1], tg)
+    fit(enc, len(idx), enc_loss, FITS["encoder"], args.epochs, rng.permutation)
     x, tg = encoder_batch(te, _windows(te), g, np.random.default_rng(1))
     with torch.no_grad():
         _, out = enc(x)
@@ -158,16 +188,8 @@ def train(args) -> dict:
     th = ThemeClassifier()
     x = to_input(tr["frames"][:, ::2]).reshape(-1, 3, 32, 32)
     y = torch.as_tensor(np.repeat(tr["theme"], tr["frames"][:, ::2].shape[1]))
-    opt = torch.optim.AdamW(th.parameters(), 3e-3, weight_decay=1e-4)
-    for ep in range(args.epochs):
-        perm = torch.randperm(x.shape[0], generator=g)
-        for i in range(0, x.shape[0], 128):
-            j = perm[i:i + 128]
-            loss = F.cross_entropy(th(augment(x[j], g)), y[j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    th.eval()
+    fit(th, x.shape[0], lambda j: F.cross_entropy(th(augment(x[j], g)), y[j]), FITS["theme"], args.epochs,
+        torch_perm)
     xt = to_input(te["frames"]).reshape(-1, 3, 32, 32)
     yt = torch.as_tensor(np.repeat(te["theme"], te["frames"].shape[1]))
     with torch.no_grad():
