@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from websockets.asyncio.client import connect
 
-from streamgen.pipeline import Pipeline
+from streamgen.engine.pipeline import Pipeline
 from streamgen.server.app import create_app
 from streamgen.server.cli import ServerThread
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from streamgen.pipeline import Pipeline
+from streamgen.engine.pipeline import Pipeline
 from streamgen.server.app import create_app
 from streamgen.server.cli import ServerThread
 from streamgen.server.client import _pct, run_client

@@ -17,15 +17,15 @@ import time
 import numpy as np
 import torch
 
-from streamgen.autoencoder import TinyAutoencoder
-from streamgen.checkpoint import check_and_load, config_from_metadata, read_weights
+from streamgen.codecs.autoencoder import TinyAutoencoder
+from streamgen.io.checkpoint import check_and_load, config_from_metadata, read_weights
 from streamgen.config import PipelineConfig
-from streamgen.model import WanDiT
-from streamgen.pipeline import Pipeline
-from streamgen.text import build_text_encoder
+from streamgen.models.model import WanDiT
+from streamgen.engine.pipeline import Pipeline
+from streamgen.codecs.factory import build_text_encoder
 from streamgen.training import losses as L
 from streamgen.training.export import load_release
-from streamgen.actions import encode_action
+from streamgen.io.actions import encode_action
 
 
 class TeacherStreamer:

@@ -9,8 +9,8 @@ calls it does not support, a plain PyTorch ``reference`` and a ``_test()`` self-
 - ``fused_norm``: RMSNorm + interleaved 3D RoPE, LayerNorm + adaLN modulate;
 - ``bench``: ``python -m streamgen.kernels.bench [--json] [--quick]``.
 
-The engine reaches them only through ``streamgen.kernels_bridge`` (backend "triton": the
-attention entry points of ``streamgen.attention`` and the model's fused norms); the kernels
-import nothing of the engine but the mask structure of ``streamgen.masks``. On CPU they run only under ``TRITON_INTERPRET=1``, which must
+The engine reaches them only through ``streamgen.models.kernels_bridge`` (backend "triton": the
+attention entry points of ``streamgen.models.attention`` and the model's fused norms); the kernels
+import nothing of the engine but the mask structure of ``streamgen.models.masks``. On CPU they run only under ``TRITON_INTERPRET=1``, which must
 be set before this package is imported.
 """

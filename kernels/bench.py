@@ -30,8 +30,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel is defined
 
-from streamgen.attention import FrameMask, attention  # noqa: E402
-from streamgen.rope import apply_rope  # noqa: E402
+from streamgen.models.attention import FrameMask, attention  # noqa: E402
+from streamgen.models.rope import apply_rope  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WAN_T = 1560                                        # tokens per latent frame (Wan2.1 480x832)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from streamgen.masks import FrameMask as BlockCausal   # the mask structure (a torch-only leaf module)
+from streamgen.models.masks import FrameMask as BlockCausal   # the mask structure (a torch-only leaf module)
 
 from ._common import SUPPORTED_DTYPES, dot_f32, head_block, interpreting, runnable
 

@@ -110,7 +110,7 @@ def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
 
 def rmsnorm_rope_reference(x, weight, cos, sin, heads: int, eps: float = 1e-6, dtype=None):
     """The model's path: RMSNorm module math, view to heads, ``apply_rope`` (in ``dtype``)."""
-    from streamgen.rope import apply_rope
+    from streamgen.models.rope import apply_rope
     dt = dtype or torch.float32
     xd = x.to(dt)
     xf = xd.float()

@@ -11,7 +11,7 @@ Optional RoPE inside the kernel (Wan's interleaved pairs (2i, 2i+1)):
   (caches that store keys without RoPE);
 - ``q_rope`` = (cos, sin) [B, Lq, D/2] rotates the queries the same way.
 The rotation runs in fp32 and is rounded to the I/O dtype before the tile product, exactly
-like ``streamgen.rope.apply_rope`` followed by attention.
+like ``streamgen.models.rope.apply_rope`` followed by attention.
 
 Shapes: q [B, Lq, H, D], k/v [B, S, H, D] (last dim contiguous), out [B, Lq, H, D].
 Lq, S need not be multiples of the tiles; Lq != S. fp32/fp16/bf16 I/O, fp32 accumulation.
@@ -201,7 +201,7 @@ def reference(q, k_cache, v_cache, key_valid=None, k_rope=None, q_rope=None, dty
     dtype: compute dtype of the product (default fp32 -> the accuracy reference); pass the
     I/O dtype to get "PyTorch in the same dtype" for the flash-attention error rule.
     """
-    from streamgen.rope import apply_rope
+    from streamgen.models.rope import apply_rope
     k = k_cache if k_rope is None else apply_rope(k_cache, *k_rope)
     q = q if q_rope is None else apply_rope(q, *q_rope)
     dt = dtype or torch.float32

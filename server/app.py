@@ -237,7 +237,7 @@ class Hub:
 def _load(pipe_or_model, random_weights: bool, device: str, dtype: str):
     if not isinstance(pipe_or_model, str):
         return pipe_or_model
-    from streamgen.pipeline import Pipeline
+    from streamgen.engine.pipeline import Pipeline
     return Pipeline.from_pretrained(pipe_or_model, device=device, dtype=dtype, random_weights=random_weights)
 
 

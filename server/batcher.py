@@ -1,6 +1,6 @@
 """Cross-session scheduler: every active stream advances in ONE batched model forward.
 
-One :class:`~streamgen.cache.StreamCache` with ``max_sessions`` rows is allocated up front.
+One :class:`~streamgen.engine.cache.StreamCache` with ``max_sessions`` rows is allocated up front.
 Active sessions occupy rows ``0..n-1`` (compact: a leaving session's row gets the last one), so a
 step runs ``generate_chunk`` on a *view* of the first ``n`` rows (``len(denoising_steps) + 1``
 forwards per chunk for all sessions), each row with its own frame position, prompt cross-K/V,
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from streamgen.errors import StreamgenError
-from streamgen.pipeline import check_start_frames, recache
-from streamgen.streaming import generate_chunk
+from streamgen.engine.pipeline import check_start_frames, recache
+from streamgen.engine.chunk_step import generate_chunk
 
 from .control import EncodeCache, JoinPrep, Prep, StepModel, calibrate
 

@@ -67,7 +67,7 @@ async def run_client(url: str, prompt: str, *, frames: int = 48, seed: int | Non
                 return res
         res["ready"] = ready
         if out and codec == "jpeg":
-            from streamgen.video import Mp4Writer
+            from streamgen.io.video import Mp4Writer
             writer = Mp4Writer(out, ready["fps"], ready["width"], ready["height"])
 
         async def send_action(action):
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     schedule = keys = kb = None
     if args.actions:
-        from streamgen.actions import validate_action
+        from streamgen.io.actions import validate_action
         from streamgen.config import ActionSpace
         loose = ActionSpace(keys=tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), mouse=True, mouse_range=1e9)
         schedule = []

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from streamgen.actions import validate_action
+from streamgen.io.actions import validate_action
 from streamgen.errors import ActionError, PromptError
-from streamgen.text import check_prompt
+from streamgen.codecs.text import check_prompt
 
 from .batcher import Busy, Chunk, StreamSlot
 from .media import HEADER_BYTES, make_encoder

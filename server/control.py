@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from streamgen.streaming import generate_chunk
+from streamgen.engine.chunk_step import generate_chunk
 
 log = logging.getLogger("streamgen.server")
 

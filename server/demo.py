@@ -241,7 +241,7 @@ class DemoApp:
         return self.readout(tab, "stopped"), self.switch_status(tab, s)
 
     def switch_prompt(self, prompt, tab, request=None):
-        from streamgen.text import check_prompt
+        from streamgen.codecs.text import check_prompt
         tab = self._tab(tab, request)
         try:
             prompt = check_prompt((prompt or "").strip() or self.default_prompt,

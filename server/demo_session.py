@@ -63,7 +63,7 @@ class Stream:
 
     def __init__(self, app: "DemoApp", tab: "TabState", prompt: str, seed: int, start: str = "noise"):
         from streamgen.cli import start_chunk_frames
-        from streamgen.text import check_prompt
+        from streamgen.codecs.text import check_prompt
         if start not in START_SOURCES:
             raise ValueError(f"start must be one of {', '.join(START_SOURCES)}, got {start!r}")
         self.app, self.tab = app, weakref.proxy(tab)
@@ -224,7 +224,7 @@ class Stream:
 
     def write_mp4(self, folder: str, how: str = "nearest") -> tuple[str, str]:
         """The frames so far (opening frames first) as an MP4 -> (path, what it holds)."""
-        from streamgen.video import write_mp4
+        from streamgen.io.video import write_mp4
         if how not in DOWNLOADS:
             raise ValueError(f"download size must be one of {', '.join(DOWNLOADS)}, got {how!r}")
         with self.lock:

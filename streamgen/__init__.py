@@ -11,6 +11,6 @@ __all__ = ["ActionSpace", "CacheConfig", "ModelConfig", "PipelineConfig", "Sampl
 
 def __getattr__(name):  # lazy: importing streamgen stays cheap
     if name in ("Pipeline", "Session"):
-        from . import pipeline
+        from .engine import pipeline
         return getattr(pipeline, name)
     raise AttributeError(name)

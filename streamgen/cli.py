@@ -225,7 +225,7 @@ def _check_actions_file(path: str) -> None:
 
 # ------------------------------------------------------------------ commands
 def cmd_generate(args) -> int:
-    from .text import check_prompt
+    from .codecs.text import check_prompt
     if args.frames <= 0:
         raise ConfigError(f"--frames must be > 0, got {args.frames}")
     check_prompt(args.prompt)                         # before the weights load
@@ -245,8 +245,8 @@ def cmd_generate(args) -> int:
 
 def generate(pipe, args, switch, out_dir: str) -> int:
     from tqdm import tqdm
-    from .actions import load_actions_jsonl
-    from .video import Mp4Writer
+    from .io.actions import load_actions_jsonl
+    from .io.video import Mp4Writer
     c = pipe.config
     space = c.model.actions
     actions = load_actions_jsonl(args.actions, space) if args.actions else None
@@ -319,7 +319,9 @@ def cmd_bench(args) -> int:
     if args.frames <= 0:
         raise ConfigError(f"--frames must be > 0, got {args.frames}")
     import torch
-    from .compile import OverlappedDecoder, compile_model, quantize_fp8
+    from .engine.compile import compile_model
+    from .engine.fp8 import quantize_fp8
+    from .engine.overlapped_decode import OverlappedDecoder
     pipe = build_pipeline(args)
     quantize_fp8(pipe.model, args.quant)
     compile_model(pipe.model, args.compile)

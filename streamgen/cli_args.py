@@ -96,7 +96,7 @@ def quiet_libraries() -> None:
 
 def attention_warning(requested: str, device: str) -> str | None:
     """A warning line when ``requested`` cannot run on ``device`` (it would fall back to sdpa)."""
-    from .attention import resolve_backend
+    from .models.attention import resolve_backend
     got = resolve_backend(requested, device)
     if got == requested:
         return None
@@ -117,7 +117,7 @@ def _overrides(args) -> dict:
 
 
 def shipped_dir(model: str) -> str | None:
-    """The folder of a shipped model (``streamgen.pipeline.SHIPPED``, without importing torch)."""
+    """The folder of a shipped model (``streamgen.engine.pipeline.SHIPPED``, without importing torch)."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", model) if model == "default" else None
 
 
@@ -147,7 +147,7 @@ def load_pipeline(args, *, fallback: bool = False, log=None):
     check_model_args(args)
     quiet_libraries()
     import torch
-    from .pipeline import Pipeline
+    from .engine.pipeline import Pipeline
     notice = apply_fallback(args) if fallback else None
     model, random_weights = args.model, bool(args.random_weights)
     warn = attention_warning(args.attn_backend, args.device)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from streamgen.checkpoint import load_checkpoint, save_diffusers, save_release, save_sharded
+from streamgen.io.checkpoint import load_checkpoint, save_diffusers, save_release, save_sharded
 from streamgen.cli import main as cli_main
 from streamgen.config import PIPELINE_PRESETS, ModelConfig, PipelineConfig, to_dict
-from streamgen.convert import detect_layout, diffusers_to_wan, wan_to_diffusers
+from streamgen.io.convert import detect_layout, diffusers_to_wan, wan_to_diffusers
 from streamgen.errors import CheckpointError
-from streamgen.model import WanDiT
-from streamgen.pipeline import Pipeline
+from streamgen.models.model import WanDiT
+from streamgen.engine.pipeline import Pipeline
 
 TINY = PipelineConfig.from_name("tiny")
 
@@ -95,7 +95,7 @@ def test_diffusers_directory_converted_on_load(tmp_path, wan_sd):
 
 def test_conversion_round_trip_matches_diffusers_names(wan_sd):
     from diffusers import WanTransformer3DModel
-    from streamgen.convert import model_to_diffusers_config
+    from streamgen.io.convert import model_to_diffusers_config
     ref = WanTransformer3DModel(**model_to_diffusers_config(TINY.model))
     dsd = wan_to_diffusers(wan_sd)
     assert set(dsd) == set(ref.state_dict())

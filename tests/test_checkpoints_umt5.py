@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from streamgen.errors import ConfigError
-from streamgen.text import UMT5TextEncoder, build_text_encoder
+from streamgen.codecs.factory import build_text_encoder
+from streamgen.codecs.text import UMT5TextEncoder
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -57,7 +58,7 @@ def test_umt5_errors(umt5_dir, tmp_path):
 
 
 def test_pipeline_with_umt5(umt5_dir):
-    from streamgen.pipeline import Pipeline
+    from streamgen.engine.pipeline import Pipeline
     pipe = Pipeline.from_pretrained("tiny", random_weights=True, text_encoder="umt5", text_encoder_path=umt5_dir)
     frames = pipe.session("a cat on the moon", seed=0).step()
     assert frames.shape[1:] == (64, 64, 3)

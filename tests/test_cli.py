@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from streamgen.video import read_video
+from streamgen.io.video import read_video
 
 
 def run(*args, timeout=300):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from streamgen import cli
-from streamgen.video import read_video, write_mp4
+from streamgen.io.video import read_video, write_mp4
 
 
 def gen(capsys, *args):
@@ -25,7 +25,7 @@ def stride4_model(tmp_path_factory):
     (the first chunk decodes to 1 + 4(k-1) frames, later chunks to 4k)."""
     from safetensors.torch import save_file
     from streamgen.config import PIPELINE_PRESETS, PipelineConfig, to_dict
-    from streamgen.model import WanDiT
+    from streamgen.models.model import WanDiT
     d = tmp_path_factory.mktemp("stride4")
     cfg = PipelineConfig.from_dict({**PIPELINE_PRESETS["tiny"], "vae": "taehv", "temporal_stride": 4})
     (d / "config.json").write_text(json.dumps(to_dict(cfg)))
@@ -44,7 +44,7 @@ def test_stride4_decoder_writes_exact_frames(tmp_path, capsys, stride4_model, fr
 
 
 def test_stride4_frame_bookkeeping(stride4_model):
-    from streamgen.pipeline import Pipeline
+    from streamgen.engine.pipeline import Pipeline
     pipe = Pipeline.from_pretrained(stride4_model, random_weights=True)
     assert cli.chunk_video_frames(pipe, first=True) == 9 and cli.chunk_video_frames(pipe, first=False) == 12
     s = pipe.session("x", seed=0)
@@ -129,7 +129,7 @@ def test_attention_fallback_warns_before_work(tmp_path, capsys):
 
 def test_version_and_help_defaults(capsys):
     from streamgen import __version__
-    from streamgen.attention import BACKENDS
+    from streamgen.models.attention import BACKENDS
     from streamgen.cli_args import ATTN_BACKENDS
     assert set(ATTN_BACKENDS) == set(BACKENDS)
     with pytest.raises(SystemExit) as e:
@@ -155,5 +155,5 @@ def test_default_prompt_names_a_known_look():
 
 def test_shipped_dir_matches_pipeline():
     from streamgen.cli_args import shipped_dir
-    from streamgen.pipeline import SHIPPED
+    from streamgen.engine.pipeline import SHIPPED
     assert os.path.samefile(shipped_dir("default"), SHIPPED["default"]) or not os.path.exists(SHIPPED["default"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from streamgen.errors import ConfigError
-from streamgen.pipeline import SHIPPED, Pipeline
+from streamgen.engine.pipeline import SHIPPED, Pipeline
 
 ROOT = SHIPPED["default"]
 ACTIONS = [{"keys": ["W"], "mouse": [0.0, 0.0]}, {"keys": [], "mouse": [0.5, 0.0]}, {"keys": ["A"], "mouse": [0.0, 0.0]}]

@@ -117,7 +117,7 @@ def test_stream_switch_actions_download_stop(server):
         assert wait_for(lambda: len(images(job.outputs())) >= n + 3, 15)
 
         # MP4 of what was generated so far
-        from streamgen.video import read_video
+        from streamgen.io.video import read_video
         out = c.predict("native", api_name="/download_mp4")   # a File update: {"value": path, "label": ...}
         vid = read_video(path_of(out["value"]))
         assert vid.shape[1:] == (64, 64, 3) and len(vid) >= 3

@@ -7,7 +7,7 @@ import torch
 
 from naive_cache import NaiveCache
 from streamgen.config import CacheConfig, PipelineConfig
-from streamgen.pipeline import Pipeline
+from streamgen.engine.pipeline import Pipeline
 
 
 def pipe_with(cache: CacheConfig, preset="tiny"):

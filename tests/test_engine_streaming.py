@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from naive_cache import NaiveCache
-from streamgen.cache import StreamCache
+from streamgen.engine.cache import StreamCache
 from streamgen.config import CacheConfig, ModelConfig
-from streamgen.model import WanDiT
+from streamgen.models.model import WanDiT
 
 H = W = 8  # latent size -> 16 tokens per frame with patch (1, 2, 2)
 
@@ -183,7 +183,7 @@ def test_block_action_pathway_streams_like_the_full_forward_and_grows_from_time_
     """action_inject="time+blocks": streaming == block-causal with actions, the keys change the
     output through the block MLPs alone, and a "time" checkpoint loads into it only when the
     new MLPs are named fresh (they start at zero, so the grown model equals the old one)."""
-    from streamgen.checkpoint import CheckpointError, check_and_load
+    from streamgen.io.checkpoint import CheckpointError, check_and_load
     from streamgen.config import ActionSpace, ConfigError
     base = dataclasses.replace(ModelConfig.from_name("tiny"), actions=ActionSpace(keys=("W", "A"), mouse=True))
     with pytest.raises(ConfigError, match="action_inject"):

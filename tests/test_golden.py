@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamgen.cache import StreamCache
-from streamgen.checkpoint import check_and_load, read_weights, unwrap_state_dict
+from streamgen.engine.cache import StreamCache
+from streamgen.io.checkpoint import check_and_load, read_weights, unwrap_state_dict
 from streamgen.config import CacheConfig, ModelConfig, SamplerConfig
-from streamgen.model import WanDiT
-from streamgen.sampling import FewStepSampler
-from streamgen.streaming import rollout
+from streamgen.models.model import WanDiT
+from streamgen.engine.sampling import FewStepSampler
+from streamgen.engine.chunk_step import rollout
 
 # STREAMGEN_GOLDEN first (CI's shared copy), else the copy kept in the repo (tests/data/golden,
 # 1.3 MB: the same files as shared/golden), so a fresh clone runs these too.

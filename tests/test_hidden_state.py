@@ -9,19 +9,21 @@ import types
 import pytest
 import torch
 
-import streamgen.attention as A
-from streamgen import compile as C
-from streamgen.autoencoder import TinyAutoencoder
-from streamgen.cache import StreamCache
+import streamgen.models.attention as A
+from streamgen.engine import compile as C
+from streamgen.codecs.autoencoder import TinyAutoencoder
+from streamgen.engine.cache import StreamCache
 from streamgen.config import PIPELINE_PRESETS, PipelineConfig
-from streamgen.model import WanDiT
-from streamgen.sampling import FewStepSampler
-from streamgen.streaming import chunk_step, generate_chunk, rollout
+from streamgen.models.model import WanDiT
+from streamgen.engine.sampling import FewStepSampler
+from streamgen.engine.chunk_step import chunk_step, generate_chunk, rollout
 
-ENGINE = ("streamgen.attention", "streamgen.masks", "streamgen.cache", "streamgen.sampling",
-          "streamgen.streaming", "streamgen.model", "streamgen.rope", "streamgen.config",
-          "streamgen.presets", "streamgen.families", "streamgen.compile", "streamgen.autoencoder",
-          "streamgen.kernels_bridge", "streamgen.checkpoint", "streamgen.vae", "streamgen.pipeline")
+ENGINE = ("streamgen.models.attention", "streamgen.models.masks", "streamgen.engine.cache", "streamgen.engine.sampling",
+          "streamgen.engine.chunk_step", "streamgen.models.model", "streamgen.models.rope", "streamgen.config",
+          "streamgen.config.presets", "streamgen.io.families", "streamgen.engine.compile", "streamgen.codecs.autoencoder",
+          "streamgen.models.kernels_bridge", "streamgen.io.checkpoint", "streamgen.codecs.vae", "streamgen.engine.pipeline",
+          "streamgen.codecs.base", "streamgen.codecs.preview", "streamgen.codecs.factory", "streamgen.engine.fp8",
+          "streamgen.engine.overlapped_decode")
 
 
 def _tiny(backend="sdpa"):
@@ -78,7 +80,7 @@ def _same(a, b):
 
 
 def test_engine_writes_no_module_level_state():
-    from streamgen.pipeline import Pipeline
+    from streamgen.engine.pipeline import Pipeline
     pipe = Pipeline.from_pretrained("tiny-world", random_weights=True)     # imports and caches done
     pipe.session("warm up", seed=0).step()
     before = _module_state()
@@ -105,7 +107,7 @@ class _Spy:
     """Records which implementation each attention call really ran (by patching the runners)."""
 
     def __init__(self, monkeypatch):
-        import streamgen.kernels_bridge as KB
+        import streamgen.models.kernels_bridge as KB
         self.ran = []
         for mod, name, label in ((A, "_sdpa", "sdpa"), (A, "math_attention", "math"),
                                  (A, "_flex_attention", "flex"), (KB, "triton_attention", "triton"),
@@ -211,13 +213,13 @@ def test_presets_are_a_read_only_table():
     with pytest.raises(TypeError):
         PIPELINE_PRESETS["tiny"]["cache"]["sink_frames"] = 9            # nor editing one
     assert "longlive" in PIPELINE_PRESETS and PipelineConfig.from_name("longlive").cache.window_frames == 9
-    import streamgen.families as fam
+    import streamgen.io.families as fam
     assert not hasattr(fam, "register")
     assert set(fam.FAMILY_PRESETS) <= set(PIPELINE_PRESETS)
     assert fam.FAMILY_PRESETS.keys() == fam.FAMILY_NOTES.keys()
 
 
-@pytest.mark.parametrize("first", ["streamgen.families", "streamgen.config", "streamgen.checkpoint"])
+@pytest.mark.parametrize("first", ["streamgen.io.families", "streamgen.config", "streamgen.io.checkpoint"])
 def test_presets_do_not_depend_on_import_order(first):
     code = (f"import {first}\nfrom streamgen.config import PIPELINE_PRESETS as P\n"
             "print(sorted(P))")
@@ -227,15 +229,53 @@ def test_presets_do_not_depend_on_import_order(first):
 
 
 def test_masks_are_a_leaf_and_kernels_import_no_engine():
-    code = ("import sys, streamgen.masks\n"
+    code = ("import sys, streamgen.models.masks\n"
             "print(sorted(m for m in sys.modules if m.startswith('streamgen')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     loaded = set(eval(out.stdout))
-    assert loaded <= {"streamgen", "streamgen.config", "streamgen.errors", "streamgen.presets", "streamgen.masks"}
+    assert loaded <= {"streamgen", "streamgen.config", "streamgen.errors", "streamgen.config.presets", "streamgen.models",
+                      "streamgen.models.masks"}
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
     for f in ("block_causal.py", "stream_attention.py", "_common.py"):
         imports = [ln for ln in (root / f).read_text().splitlines() if ln.startswith(("from streamgen", "import streamgen"))]
-        assert all(ln.startswith("from streamgen.masks ") for ln in imports), (f, imports)
-    assert A.FrameMask is __import__("streamgen.masks", fromlist=["FrameMask"]).FrameMask
+        assert all(ln.startswith("from streamgen.models.masks ") for ln in imports), (f, imports)
+    assert A.FrameMask is __import__("streamgen.models.masks", fromlist=["FrameMask"]).FrameMask
+
+
+def _imports(path) -> set[str]:
+    """Every module a source file imports (top level and lazy), relative ones made absolute."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    rel = path.relative_to(root).with_suffix("").parts
+    pkg = ["streamgen", *rel[1:-1]] if rel[0] == "streamgen" else ["streamgen", *rel[:-1]]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg[:len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            out |= {mod} if node.module else {f"{mod}.{a.name}" for a in node.names}
+    return {m for m in out if m == "streamgen" or m.startswith("streamgen.")}
+
+
+def test_layers_import_only_downwards():
+    """cli -> engine -> models / codecs -> io (and config, errors): never back up."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    up = {"models": ("streamgen.engine", "streamgen.codecs", "streamgen.io", "streamgen.cli"),
+          "codecs": ("streamgen.engine", "streamgen.models", "streamgen.cli"),
+          "io": ("streamgen.engine", "streamgen.models", "streamgen.codecs", "streamgen.cli"),
+          "config": ("streamgen.engine", "streamgen.models", "streamgen.codecs", "streamgen.io", "streamgen.cli")}
+    bad = []
+    for layer, banned in up.items():
+        for f in sorted((root / "streamgen" / layer).glob("*.py")):
+            bad += [(f.name, m) for m in _imports(f) if m.startswith(banned)]
+    for f in sorted((root / "kernels").glob("*.py")):
+        if f.name != "bench.py":                                         # a benchmark script, not a kernel
+            bad += [(f.name, m) for m in _imports(f) if not m.startswith(("streamgen.kernels", "streamgen.models.masks",
+                                                                         "streamgen.models.rope"))]
+    assert not bad, bad

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from streamgen.attention import FrameMask, attention, attention_backend, resolve_backend
+from streamgen.models.attention import FrameMask, attention, attention_backend, resolve_backend
 
 pytestmark = pytest.mark.skipif(resolve_backend("triton", "cpu") != "triton" and not torch.cuda.is_available(),
                                 reason="triton cannot run here (no GPU and no TRITON_INTERPRET=1)")

@@ -7,12 +7,12 @@ rotated inside the kernel ("relative"); plus a block-causal full forward and bac
 import pytest
 import torch
 
-from streamgen.attention import FrameMask, attention_backend, frame_mask, resolve_backend, stream_backend
-from streamgen.cache import StreamCache
+from streamgen.models.attention import FrameMask, attention_backend, frame_mask, resolve_backend, stream_backend
+from streamgen.engine.cache import StreamCache
 from streamgen.config import CacheConfig, ModelConfig, SamplerConfig
-from streamgen.model import WanDiT
-from streamgen.sampling import FewStepSampler
-from streamgen.streaming import rollout
+from streamgen.models.model import WanDiT
+from streamgen.engine.sampling import FewStepSampler
+from streamgen.engine.chunk_step import rollout
 
 pytestmark = pytest.mark.skipif(resolve_backend("triton", "cpu") != "triton" and not torch.cuda.is_available(),
                                 reason="triton cannot run here (no GPU and no TRITON_INTERPRET=1)")
@@ -117,7 +117,7 @@ def test_bench_quick_smoke(capsys):
 @pytest.mark.parametrize("backend", ["sdpa", "math", "triton", "flex", "xformers", "flash"])
 def test_every_backend_string_runs_and_reports(backend):
     """Each BACKENDS string works for dense, structured and cache calls; the reports are honest."""
-    from streamgen.attention import BACKENDS, attention, math_attention, stream_attention
+    from streamgen.models.attention import BACKENDS, attention, math_attention, stream_attention
     assert backend in BACKENDS
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 12, 2, 16, generator=g).to(DEV) for _ in range(3))

@@ -6,10 +6,10 @@ floor); fp32 must match the model's own modules to ~1e-6.
 import pytest
 import torch
 
-from streamgen.attention import resolve_backend
+from streamgen.models.attention import resolve_backend
 from streamgen.config import ModelConfig
-from streamgen.model import LayerNorm, RMSNorm
-from streamgen.rope import RopeTables, apply_rope
+from streamgen.models.model import LayerNorm, RMSNorm
+from streamgen.models.rope import RopeTables, apply_rope
 
 pytestmark = pytest.mark.skipif(resolve_backend("triton", "cpu") != "triton" and not torch.cuda.is_available(),
                                 reason="triton cannot run here (no GPU and no TRITON_INTERPRET=1)")

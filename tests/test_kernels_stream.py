@@ -7,7 +7,7 @@ with per-row fill levels so the ring has wrapped in some rows and not in others.
 import pytest
 import torch
 
-from streamgen.attention import attention_backend, math_attention, resolve_backend, stream_attention, stream_backend
+from streamgen.models.attention import attention_backend, math_attention, resolve_backend, stream_attention, stream_backend
 
 pytestmark = pytest.mark.skipif(resolve_backend("triton", "cpu") != "triton" and not torch.cuda.is_available(),
                                 reason="triton cannot run here (no GPU and no TRITON_INTERPRET=1)")
@@ -130,7 +130,7 @@ def test_entry_point_uses_kernel_and_falls_back():
 
 def test_key_only_dense_mask_through_attention():
     """attention(mask=[B,1,1,Lk]) with backend "triton" runs the streaming kernel."""
-    from streamgen.attention import attention
+    from streamgen.models.attention import attention
     g = torch.Generator().manual_seed(8)
     q = torch.randn(2, 9, 2, 16, generator=g).to(DEV)
     k, v = (torch.randn(2, 21, 2, 16, generator=g).to(DEV) for _ in range(2))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamgen.compile import OverlappedDecoder, compile_model, quantize_fp8
+from streamgen.engine.compile import compile_model
+from streamgen.engine.fp8 import quantize_fp8
+from streamgen.engine.overlapped_decode import OverlappedDecoder
 from streamgen.errors import ConfigError
-from streamgen.pipeline import Pipeline
+from streamgen.engine.pipeline import Pipeline
 
 
 def _frames(pipe, n=3):

@@ -1,6 +1,6 @@
 """Parity: streamgen's bidirectional WanDiT forward == diffusers' WanTransformer3DModel (fp32).
 
-Same weights (converted by streamgen.convert), same inputs, max abs error <= 1e-5. diffusers
+Same weights (converted by streamgen.io.convert), same inputs, max abs error <= 1e-5. diffusers
 takes one timestep per batch element, so the uniform-t case is compared directly; the
 per-frame case uses diffusers' per-token timestep input ([B, L], Wan2.2-style) expanded from
 streamgen's per-frame timesteps.
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from streamgen.config import ModelConfig
-from streamgen.convert import diffusers_to_wan, model_to_diffusers_config, wan_to_diffusers
-from streamgen.model import WanDiT
+from streamgen.io.convert import diffusers_to_wan, model_to_diffusers_config, wan_to_diffusers
+from streamgen.models.model import WanDiT
 
 diffusers = pytest.importorskip("diffusers")
 

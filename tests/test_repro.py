@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from streamgen.video import read_video
+from streamgen.io.video import read_video
 
 # Runs `python -c HARNESS FILL streamgen-args...`: pollute the heap with FILL bytes just before
 # each av.open, then run the CLI.
@@ -93,7 +93,7 @@ def test_world_record_is_bit_reproducible_across_processes(tmp_path):
 def test_mp4_writer_is_bit_reproducible_across_processes(tmp_path):
     """The encoder alone: fixed frames -> the same bytes whatever the heap held before."""
     code = HARNESS.replace("from streamgen.cli import main\nsys.exit(main(sys.argv[2:]))", r"""
-from streamgen.video import write_mp4
+from streamgen.io.video import write_mp4
 from streamgen.world.episodes import generate_clip
 frames = generate_clip(0, 24, 64, policy="human")["frames"]                   # uint8 [24, 64, 64, 3]
 write_mp4(sys.argv[2], frames, fps=16)

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from streamgen.pipeline import Pipeline
+from streamgen.engine.pipeline import Pipeline
 from streamgen.server.app import create_app
 from streamgen.server.cli import ServerThread
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 from websockets.asyncio.client import connect  # noqa: E402
 
-from streamgen.pipeline import Pipeline  # noqa: E402
+from streamgen.engine.pipeline import Pipeline  # noqa: E402
 from streamgen.server.app import create_app  # noqa: E402
 from streamgen.server.batcher import Batcher  # noqa: E402
 from streamgen.server.cli import ServerThread  # noqa: E402

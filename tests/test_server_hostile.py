@@ -11,14 +11,14 @@ import pytest
 pytest.importorskip("fastapi")
 from websockets.asyncio.client import connect  # noqa: E402
 
-from streamgen.actions import validate_action  # noqa: E402
+from streamgen.io.actions import validate_action  # noqa: E402
 from streamgen.config import ActionSpace  # noqa: E402
 from streamgen.errors import ActionError, PromptError  # noqa: E402
-from streamgen.pipeline import Pipeline  # noqa: E402
+from streamgen.engine.pipeline import Pipeline  # noqa: E402
 from streamgen.server.app import create_app  # noqa: E402
 from streamgen.server.cli import ServerThread  # noqa: E402
 from streamgen.server.media import unpack_header  # noqa: E402
-from streamgen.text import check_prompt  # noqa: E402
+from streamgen.codecs.text import check_prompt  # noqa: E402
 
 CODES = {"bad_json", "unknown_type", "bad_action", "bad_prompt", "bad_codec", "bad_request", "bad_message",
          "bad_start", "not_started", "already_started", "too_large", "rate_limited", "busy", "unauthorized",
@@ -194,7 +194,7 @@ def test_prompt_encoder_is_silent():
     """sentence-transformers draws a progress bar per encode when logging is at INFO, unless told not to."""
     import torch
 
-    from streamgen.text import MiniLMTextEncoder
+    from streamgen.codecs.text import MiniLMTextEncoder
 
     class Model:
         def __init__(self):

@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-from streamgen.pipeline import Pipeline  # noqa: E402
+from streamgen.engine.pipeline import Pipeline  # noqa: E402
 from streamgen.server.app import create_app  # noqa: E402
 from streamgen.server.cli import ServerThread, main as serve_main  # noqa: E402
 from streamgen.server.media import unpack_header  # noqa: E402

@@ -6,8 +6,8 @@ import torch
 
 from streamgen.config import PipelineConfig
 from streamgen.errors import CheckpointError, ConfigError
-from streamgen.taehv import TAEHV, TAEHVConfig
-from streamgen.vae import build_vae
+from streamgen.codecs.taehv import TAEHV, TAEHVConfig
+from streamgen.codecs.factory import build_vae
 
 SMALL = TAEHVConfig(latent_channels=4, channels=(16, 16, 8, 8), blocks_per_stage=2)
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from streamgen.autoencoder import TinyAutoencoder
-from streamgen.checkpoint import read_weights, save_release
+from streamgen.codecs.autoencoder import TinyAutoencoder
+from streamgen.io.checkpoint import read_weights, save_release
 from streamgen.config import PipelineConfig, to_dict
 from streamgen.errors import ConfigError
-from streamgen.model import WanDiT
+from streamgen.models.model import WanDiT
 from streamgen.training.config import load_run_config, run_config_from_dict
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

@@ -1,11 +1,11 @@
 """The self-forcing rollout is the inference loop; gradient flows only through exit steps."""
 import torch
 
-from streamgen import streaming
-from streamgen.autoencoder import TinyAutoencoder
+from streamgen.engine import chunk_step
+from streamgen.codecs.autoencoder import TinyAutoencoder
 from streamgen.config import PipelineConfig
-from streamgen.model import WanDiT
-from streamgen.sampling import FewStepSampler
+from streamgen.models.model import WanDiT
+from streamgen.engine.sampling import FewStepSampler
 from streamgen.training.rollout import new_cache, rollout
 
 
@@ -23,7 +23,7 @@ def test_rollout_at_last_exit_equals_inference():
     g = torch.Generator().manual_seed(1)
     c = new_cache(p, 2)
     c.cross_kv = m.cross_kv(text)
-    ref = streaming.rollout(m, c, s, noise, lambda: torch.randn(2, 3, 4, 8, 8, generator=g), act)
+    ref = chunk_step.rollout(m, c, s, noise, lambda: torch.randn(2, 3, 4, 8, 8, generator=g), act)
     g = torch.Generator().manual_seed(1)
     c = new_cache(p, 2)
     c.cross_kv = m.cross_kv(text)

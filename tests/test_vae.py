@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from streamgen.errors import ConfigError
-from streamgen.vae import WanVAE, build_vae
+from streamgen.codecs.factory import build_vae
+from streamgen.codecs.vae import WanVAE
 
 TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                 temperal_downsample=[False, True, True],

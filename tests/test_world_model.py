@@ -79,7 +79,7 @@ def test_apply_clean_chunks_hand_case():
 
 def test_rollout_from_a_real_opening_chunk():
     from streamgen.config import PipelineConfig
-    from streamgen.model import WanDiT
+    from streamgen.models.model import WanDiT
     from streamgen.training.rollout import new_cache, rollout
     pcfg = PipelineConfig.from_name("tiny-world")
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def test_continuation_metric_runs_and_references_make_sense(tiny):
 def test_release_folder_with_teacher_loads_the_student(tmp_path):
     """A release folder ships teacher.safetensors beside model.safetensors: loading the folder
     must give the student, never a merge of the two."""
-    from streamgen.checkpoint import save_release
+    from streamgen.io.checkpoint import save_release
     from streamgen.config import to_dict
     p = Pipeline.from_pretrained("tiny-world", random_weights=True)
     cfg = to_dict(p.config)

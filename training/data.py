@@ -67,7 +67,7 @@ def to_video(frames_u8: torch.Tensor) -> torch.Tensor:
 
 
 def build_text_encoder_for(pcfg):
-    from ..text import build_text_encoder
+    from ..codecs.factory import build_text_encoder
     return build_text_encoder(pcfg.text_encoder, pcfg.model.text_dim, pcfg.model.text_len)
 
 

@@ -1,4 +1,4 @@
-"""Distil the Wan VAE decoder into the small TAEHV-style causal decoder (streamgen.taehv).
+"""Distil the Wan VAE decoder into the small TAEHV-style causal decoder (streamgen.codecs.taehv).
 
     python -m streamgen.training.distill_decoder --vae-path /models/Wan2.1-T2V-1.3B/vae \\
         --latents latents.safetensors --out taehv.safetensors --steps 20000 --device cuda
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from streamgen.errors import ConfigError, StreamgenError
-from streamgen.taehv import TAEHV, TAEHVConfig
-from streamgen.vae import WanVAE
+from streamgen.codecs.taehv import TAEHV, TAEHVConfig
+from streamgen.codecs.vae import WanVAE
 
 TINY_TEACHER = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                     temperal_downsample=[False, True, True],
@@ -68,7 +68,7 @@ def _latent_source(args, channels: int):
     shape = (args.batch, args.latent_frames, channels, args.latent_height, args.latent_width)
     if args.latents == "gaussian":
         return lambda: torch.randn(shape, generator=g)
-    from streamgen.checkpoint import read_weights
+    from streamgen.io.checkpoint import read_weights
     data, _ = read_weights(args.latents)
     lat = data.get("latents")
     if not isinstance(lat, torch.Tensor) or lat.dim() != 5 or lat.shape[2] != channels:

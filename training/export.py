@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from ..checkpoint import config_from_metadata, read_weights, save_release
+from ..io.checkpoint import config_from_metadata, read_weights, save_release
 
 DEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "streamgen", "assets", "default")
 LIMIT = 16 * 2 ** 20
@@ -88,7 +88,7 @@ def write_sample(model: str, path: str, seconds: float = 8.0, seed: int = 3,
 
 def load_release(folder: str, steps: int | None = None):
     """Pipeline of an exported release folder (its autoencoder.safetensors included)."""
-    from ..pipeline import Pipeline
+    from ..engine.pipeline import Pipeline
     return Pipeline.from_pretrained(folder, steps=steps)
 
 

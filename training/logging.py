@@ -90,5 +90,5 @@ def save_video(path: str, frames, fps: int = 16):
         imgs = [Image.fromarray(f) for f in frames]
         imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
         return
-    from ..video import write_mp4
+    from ..io.video import write_mp4
     write_mp4(path, frames, fps=fps)

@@ -1,6 +1,6 @@
 """Pure training formulas (no modules, no I/O); each one is checked on a hand-computed case.
 
-Conventions (Wan / Self-Forcing, as streamgen.sampling, whose ``add_noise``/``to_x0`` the
+Conventions (Wan / Self-Forcing, as streamgen.engine.sampling, whose ``add_noise``/``to_x0`` the
 per-frame forms here call): x_t = (1 - s) x0 + s eps with s = t / 1000, the model predicts
 the flow v = eps - x0, so x0 = x_t - s v.
 Shapes: latents [B, F, C, H, W], timesteps t [B, F] in [0, 1000].
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..sampling import add_noise, shift_sigma, to_x0
+from ..engine.sampling import add_noise, shift_sigma, to_x0
 
 
 # ------------------------------------------------------------------ timesteps

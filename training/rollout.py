@@ -1,10 +1,10 @@
 """Self-forcing rollout: the student generates chunk by chunk through its own KV cache.
 
-Each chunk runs exactly the inference chunk step of ``streamgen.streaming.generate_chunk``
+Each chunk runs exactly the inference chunk step of ``streamgen.engine.chunk_step.generate_chunk``
 (``cache.begin_chunk``, few-step denoise through the cache, a context pass at
 ``context_noise``), except that the denoising chain stops at ``exit_step`` (shared by every
 chunk), the steps before it run under no_grad and only the exit step carries gradient. Both
-run the sampler's own functions (``streamgen.sampling.advance`` / ``denoise_step``). The exit
+run the sampler's own functions (``streamgen.engine.sampling.advance`` / ``denoise_step``). The exit
 step runs against ``cache.functional_view()``, whose K/V write returns new tensors, so the
 in-place writes of later no-grad passes cannot corrupt its autograd graph; the context pass
 (detached) then writes the clean K/V in place, as at inference.
@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from ..cache import StreamCache
-from ..sampling import add_noise, advance, context_input, denoise_step
+from ..engine.cache import StreamCache
+from ..engine.sampling import add_noise, advance, context_input, denoise_step
 
 STATIC = ("write_index", "key_valid", "q_pos", "k_pos")
 

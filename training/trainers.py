@@ -16,12 +16,12 @@ import os
 import torch
 import torch.utils.checkpoint
 
-from ..autoencoder import TinyAutoencoder
-from ..checkpoint import check_and_load, read_weights, save_release, unwrap_state_dict
+from ..codecs.autoencoder import TinyAutoencoder
+from ..io.checkpoint import check_and_load, read_weights, save_release, unwrap_state_dict
 from ..config import to_dict
-from ..model import WanDiT
-from ..sampling import FewStepSampler
-from ..streaming import rollout as inference_rollout
+from ..models.model import WanDiT
+from ..engine.sampling import FewStepSampler
+from ..engine.chunk_step import rollout as inference_rollout
 from . import losses as L
 from .config import RunConfig
 from .data import batch_indices, load_frames, load_latents, step_seed, to_video

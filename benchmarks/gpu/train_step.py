@@ -33,10 +33,10 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from streamgen.cache import StreamCache
+from streamgen.engine.cache import StreamCache
 from streamgen.config import PipelineConfig
-from streamgen.model import WanDiT
-from streamgen.sampling import FewStepSampler
+from streamgen.models.model import WanDiT
+from streamgen.engine.sampling import FewStepSampler
 from streamgen.training import losses as L
 from streamgen.training.rollout import rollout
 
@@ -56,22 +56,22 @@ def checkpoint_blocks(model: WanDiT):
     for blk in model.blocks:
         fwd = blk.forward
 
-        def run(x, e, ctx, kv, fwd=fwd):
+        def run(x, e, ctx, kv=None, context=None, act=None, *, fwd=fwd):
             c = ctx.cache
             if c is None or not isinstance(c, StreamCache):   # no cache, or a functional view (own statics)
-                return checkpoint(fwd, x, e, ctx, kv, use_reentrant=False)
+                return checkpoint(fwd, x, e, ctx, kv, context, act, use_reentrant=False)
             snap = {n: getattr(c, n) for n in STATIC if hasattr(c, n)}
 
-            def inner(x, e, kv):
+            def inner(x, e, kv, context, act):
                 now = {n: getattr(c, n) for n in STATIC if hasattr(c, n)}
                 for n, v in snap.items():
                     setattr(c, n, v)
                 try:
-                    return fwd(x, e, ctx, kv)
+                    return fwd(x, e, ctx, kv, context, act)
                 finally:
                     for n, v in now.items():
                         setattr(c, n, v)
-            return checkpoint(inner, x, e, kv, use_reentrant=False)
+            return checkpoint(inner, x, e, kv, context, act, use_reentrant=False)
         blk.forward = run
 
 

@@ -88,7 +88,7 @@ def load_generator(name: str, device: str = "cpu"):
         from .. import Pipeline  # lazy: the engine is heavy
     except ImportError:
         try:
-            from ..pipeline import Pipeline
+            from ..engine.pipeline import Pipeline
         except ImportError as e:
             raise StreamgenError(f"cannot load model {name!r}: streamgen.Pipeline is unavailable ({e})") from None
     try:

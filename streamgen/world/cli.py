@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ..actions import load_actions_jsonl
+from ..io.actions import load_actions_jsonl
 from ..cli_args import HelpFormatter
 from ..errors import ActionError, StreamgenError
 from .policies import POLICIES
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _record(args) -> dict:
-    from ..video import write_mp4                    # the one MP4 writer: reproducible bytes
+    from ..io.video import write_mp4                    # the one MP4 writer: reproducible bytes
     from .episodes import ACTION_SPACE, generate_clip
 
     actions = None

@@ -10,7 +10,7 @@ Shard layout (``write_dataset``), one directory::
     shard-00000.frames.npy ...  compress="none": one .npy per field (memory-mapped when read)
 
 Fields per shard: ``frames`` uint8 [n, T, S, S, 3], ``actions`` float32 [n, T, 6]
-(``streamgen.actions.encode_action`` over W, A, S, D, dx, dy), ``pose`` float32 [n, T, 3]
+(``streamgen.io.actions.encode_action`` over W, A, S, D, dx, dy), ``pose`` float32 [n, T, 3]
 (x, y, yaw), ``captions`` unicode [n], ``seeds`` int64 [n]. Clip ``i`` of a dataset written
 with ``--seed s`` uses world seed ``s + i`` (the evaluation suite uses seeds >= 900000).
 Everything is read with ``allow_pickle=False``.

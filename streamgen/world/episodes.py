@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..actions import encode_actions, validate_action
+from ..io.actions import encode_actions, validate_action
 from ..config import WASD, ActionSpace
 from .policies import run_policy
 from .render import World, render, render_mix

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, attention_backend, stream_attention, stream_backend
-from .config import ModelConfig
-from .errors import ConfigError
+from ..config import ModelConfig
+from ..errors import ConfigError
 from .masks import FrameMask, frame_mask
 from .rope import RopeTables, apply_rope
 

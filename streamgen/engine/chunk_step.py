@@ -2,7 +2,7 @@
 
 This is the exact loop of Self-Forcing's inference pipeline, written against the explicit
 cache: ``cache.begin_chunk()`` once, ``len(steps)`` model calls that (over)write the chunk's
-K/V (``streamgen.sampling.sample``, the one sampler training also runs), and one more call at
+K/V (``streamgen.engine.sampling.sample``, the one sampler training also runs), and one more call at
 ``t = context_noise`` on x0 that leaves clean K/V behind.
 
 ``draw(shape)`` returns fresh noise of that shape (a zero-argument ``draw()`` returning
@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
+from ..models.model import WanDiT
 from .cache import StreamCache
-from .model import WanDiT
 from .sampling import Draw, FewStepSampler, context_input, sample, shaped_draw
 
 
@@ -23,7 +23,7 @@ def chunk_step(model: WanDiT, x: torch.Tensor, t: torch.Tensor, cache: StreamCac
                action: torch.Tensor | None = None) -> torch.Tensor:
     """One model call through the cache: the chunk x [B, k, C, H, W] at timesteps t [B, k] ->
     flow v [B, k, C, H, W], writing the chunk's K/V. Static shapes (the cache's per-chunk
-    inputs are tensors updated in place), so ``streamgen.compile.compile_chunk_step`` compiles
+    inputs are tensors updated in place), so ``streamgen.engine.compile.compile_chunk_step`` compiles
     it once for a whole session (gpt-fast's ``decode_one_token``)."""
     return model(x, t, cache=cache, action=action)
 

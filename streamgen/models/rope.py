@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def axis_angles(max_pos: int, pairs: int, theta: float) -> torch.Tensor:

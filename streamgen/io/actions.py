@@ -12,8 +12,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .config import ActionSpace
-from .errors import ActionError
+from ..config import ActionSpace
+from ..errors import ActionError
 
 Action = dict[str, Any]
 

@@ -2,7 +2,7 @@
 
 Each family's checkpoint runs with the chunk size, steps, sink/window and RoPE policy it was
 trained with. The presets themselves are rows of the read-only table in
-:mod:`streamgen.presets` (``FAMILY_PRESETS``, part of ``PIPELINE_PRESETS``), so
+:mod:`streamgen.config.presets` (``FAMILY_PRESETS``, part of ``PIPELINE_PRESETS``), so
 ``PipelineConfig.from_name("longlive")`` and ``Pipeline.from_pretrained(path, config="longlive")``
 find them whatever was imported first. ``guess_family(path)`` maps a checkpoint file name to a
 family.
@@ -19,7 +19,7 @@ import re
 from types import MappingProxyType
 from typing import Mapping
 
-from .presets import FAMILY_PRESETS, SF_STEPS  # noqa: F401  (re-exported)
+from ..config.presets import FAMILY_PRESETS, SF_STEPS  # noqa: F401  (re-exported)
 
 FAMILY_NOTES: Mapping[str, str] = MappingProxyType({
     "self-forcing": "verified against Self-Forcing's released inference config",

@@ -14,7 +14,7 @@ import zlib
 
 import torch
 
-from .errors import ConfigError, PromptError
+from ..errors import ConfigError, PromptError
 
 
 def check_prompt(prompt, max_chars: int = 2000) -> str:
@@ -134,20 +134,3 @@ class UMT5TextEncoder:
             self._memo.clear()
         self._memo[prompt] = out
         return out.clone()
-
-
-def build_text_encoder(kind: str, text_dim: int, text_len: int, path: str | None = None, device="cpu",
-                       random_weights: bool = False):
-    if kind == "hash":
-        return HashTextEncoder(text_dim, text_len)
-    if kind == "minilm":
-        return MiniLMTextEncoder(text_dim, text_len, device)
-    if kind == "umt5":
-        if path is None and random_weights:
-            # Speed runs with random DiT weights: UMT5 runs once per prompt, off the chunk path,
-            # so a same-shape stand-in ([1, 512, 4096]) keeps the DiT's work identical.
-            enc = HashTextEncoder(text_dim, text_len)
-            enc.kind = "hash (umt5 stand-in: random weights, no --text-encoder-path)"
-            return enc
-        return UMT5TextEncoder(path, text_len, device, text_dim=text_dim)
-    raise ConfigError(f"unknown text encoder {kind!r}")

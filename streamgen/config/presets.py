@@ -4,7 +4,7 @@ One literal table each, built once at import from data only (this module imports
 streamgen), deeply read-only (mappings are ``MappingProxyType``, lists tuples), so a preset
 never depends on import order or on what some other module added. ``PIPELINE_PRESETS`` holds
 the base presets and the per-family presets of Wan2.1-T2V-1.3B causal students
-(``FAMILY_PRESETS``; sources and confidence in ``streamgen.families.FAMILY_NOTES``).
+(``FAMILY_PRESETS``; sources and confidence in ``streamgen.io.families.FAMILY_NOTES``).
 
     PipelineConfig.from_name("longlive")        # streamgen.config reads these tables
     thaw(PIPELINE_PRESETS["tiny"])              # a plain, mutable deep copy (dicts, lists)

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CheckpointError, ConfigError
-from .vae import VideoAutoencoder
+from ..errors import CheckpointError, ConfigError
+from .base import VideoAutoencoder
 
 CONFIG_KEY = "taehv_config"
 
@@ -162,7 +162,7 @@ class TAEHV(VideoAutoencoder):
             if temporal_stride not in ups:
                 raise ConfigError(f"taehv: temporal stride must be 1, 2, 4 or 8, got {temporal_stride}")
             return cls(TAEHVConfig(latent_channels=latent_channels or 16, temporal_upscale=ups[temporal_stride]))
-        from .checkpoint import check_and_load, read_weights
+        from ..io.checkpoint import check_and_load, read_weights
         if os.path.isdir(path):
             path = os.path.join(path, "taehv.safetensors")
         sd, meta = read_weights(path)

@@ -1,7 +1,7 @@
 """The one attention entry point of the engine; backends are chosen by string.
 
 Layout everywhere: q [B, Lq, H, D], k/v [B, Lk, H, D]; ``mask`` is boolean, True = attend,
-broadcastable to [B, H, Lq, Lk], or a :class:`~streamgen.masks.FrameMask` (the structured
+broadcastable to [B, H, Lq, Lk], or a :class:`~streamgen.models.masks.FrameMask` (the structured
 block-causal mask of a full forward). ``stream_attention`` is the inference form: the
 chunk's queries against a cache buffer with a per-slot validity vector, keys optionally
 rotated by position at attention time (so no rotated copy is kept in the cache).
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .masks import FrameMask, dense as _dense, frame_mask  # noqa: F401  (re-exported)
 from .rope import apply_rope
 

@@ -2,7 +2,7 @@
 
 One dataclass per component (model, action space, cache, sampler, pipeline). Presets are
 looked up by name with ``from_name`` (gpt-fast style) in the read-only tables of
-:mod:`streamgen.presets` (re-exported here: ``MODEL_PRESETS``, ``PIPELINE_PRESETS``);
+:mod:`streamgen.config.presets` (re-exported here: ``MODEL_PRESETS``, ``PIPELINE_PRESETS``);
 ``tiny`` is for CPU tests and ``wan2.1-t2v-1.3b`` is the real size. All validation happens
 here, at the boundary.
 """
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .presets import MODEL_PRESETS, PIPELINE_PRESETS, WASD  # noqa: F401  (re-exported)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vae import VideoAutoencoder
+from .base import VideoAutoencoder
 
 
 class ResBlock(nn.Module):
@@ -63,7 +63,7 @@ class TinyAutoencoder(VideoAutoencoder):
         width = int(state_dict["encoder.0.weight"].shape[0])
         c = int(state_dict["latent_mean"].shape[0])
         if c != latent_channels:
-            from .errors import ConfigError
+            from ..errors import ConfigError
             raise ConfigError(f"tiny-ae weights have {c} latent channels, the model expects {latent_channels}")
         ae = cls(latent_channels, width)
         ae.load_state_dict(state_dict, strict=True)

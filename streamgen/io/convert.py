@@ -29,7 +29,7 @@ import re
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # Literal name pairs inside ``blocks.N.`` (Wan prefix, diffusers prefix); exact names below.
 _BLOCK_RULES: list[tuple[str, str]] = [

@@ -3,7 +3,7 @@
 Understands Self-Forcing-family training checkpoints (``{"generator_ema"|"generator"|
 "model": {"model.<key>": tensor}}``), plain Wan2.1 state dicts (``.safetensors``/``.pth``,
 sharded with an index JSON), diffusers ``WanTransformer3DModel`` files/directories (renamed
-to Wan2.1 names on load, streamgen.convert), and streamgen's own release files (safetensors
+to Wan2.1 names on load, streamgen.io.convert), and streamgen's own release files (safetensors
 whose metadata carries the pipeline config as JSON under ``streamgen_config``).
 
 ``load_checkpoint(path, config=None)`` is the one entry point: it returns the DiT weights in
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 WRAPPER_KEYS = ("generator_ema", "generator", "model", "state_dict", "module")
 CONFIG_KEY = "streamgen_config"
@@ -263,8 +263,8 @@ def _with_model(preset: dict, fields: dict | None, shape_fields: dict, notes: li
     A Wan/diffusers ``config.json`` (``fields``) wins; else, when the tensor shapes differ from
     the preset's model, the shapes are used and the head count keeps the preset's head_dim.
     """
-    from .config import ModelConfig
-    from .presets import thaw
+    from ..config import ModelConfig
+    from ..config.presets import thaw
     out = thaw(preset)                                   # a plain deep copy (presets are read-only)
     model = dict(out.get("model", {}))
     current = ModelConfig.from_dict(model)
@@ -288,7 +288,7 @@ def load_checkpoint(path: str, config=None, default_family: str = "self-forcing"
     choice; the model shape is still taken from the checkpoint when it differs).
     """
     from . import families
-    from .config import PIPELINE_PRESETS, PipelineConfig, to_dict
+    from ..config import PIPELINE_PRESETS, PipelineConfig, to_dict
     from .convert import infer_model_config, to_wan_layout
     raw, meta = read_weights(path)
     sd = unwrap_state_dict(raw)

@@ -5,12 +5,12 @@ attention functions when a call is outside what the kernels support (caller fall
 
 Routing of ``attention(q, k, v, mask)`` with backend "triton":
 - mask None -> ``block_causal_attention(mode="full")`` (differentiable; Lq != Lk allowed);
-- :class:`~streamgen.masks.FrameMask` -> ``block_causal_attention`` (differentiable);
+- :class:`~streamgen.models.masks.FrameMask` -> ``block_causal_attention`` (differentiable);
 - a dense key-only mask [B|1, 1, 1, Lk] without autograd -> the streaming kernel;
 - any other dense mask -> None (SDPA).
 ``stream_attention`` -> the streaming kernel (inference only: None when autograd records).
 The ``*_supported`` predicates say beforehand whether a call runs, so the dispatcher in
-``streamgen.attention`` knows (and can report) the backend of a call without running it.
+``streamgen.models.attention`` knows (and can report) the backend of a call without running it.
 With backend "triton" the model also runs the fused norms of ``kernels.fused_norm``
 (q/k RMSNorm + RoPE, LayerNorm + adaLN modulate) when autograd does not record.
 """
@@ -54,7 +54,7 @@ def _key_only(mask, B: int, Lk: int) -> bool:
 def triton_attention_supported(q, k, v, mask) -> bool:
     """Whether :func:`triton_attention` runs this call (False: the caller runs SDPA)."""
     from streamgen.kernels import block_causal as bc
-    from streamgen.masks import FrameMask
+    from streamgen.models.masks import FrameMask
     if mask is None:
         return bc.supports(q, k, v, mode="full")
     if isinstance(mask, FrameMask):
@@ -70,7 +70,7 @@ def triton_attention(q, k, v, mask):
     if not triton_attention_supported(q, k, v, mask):
         return None
     from streamgen.kernels.block_causal import block_causal_attention
-    from streamgen.masks import FrameMask
+    from streamgen.models.masks import FrameMask
     if mask is None:
         return block_causal_attention(q, k, v, mode="full")
     if isinstance(mask, FrameMask):

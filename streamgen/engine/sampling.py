@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .config import SamplerConfig
+from ..config import SamplerConfig
 
 
 def shift_sigma(sigma, shift: float):
@@ -45,7 +45,7 @@ Draw = Callable[[tuple], torch.Tensor]                    # draw(shape) -> fresh
 
 
 # ------------------------------------------------------------------ the sampler (free functions)
-# One signature, k-diffusion's habit: (flow, x, timesteps, draw). Inference (streamgen.streaming)
+# One signature, k-diffusion's habit: (flow, x, timesteps, draw). Inference (streamgen.engine.chunk_step)
 # and training (streamgen.training.rollout) both run these; noise is always ``draw(shape)``.
 def denoise_step(flow: Flow, x: torch.Tensor, t: float) -> torch.Tensor:
     """x0 predicted from x [B, k, C, H, W] at timestep t: x - (t/1000) * flow(x, t)."""

@@ -18,19 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .actions import encode_action
-from .attention import check_backend, resolve_backend
+from ..codecs.factory import build_text_encoder, build_vae
+from ..codecs.text import check_prompt
+from ..config import PIPELINE_PRESETS, PipelineConfig
+from ..errors import ConfigError
+from ..io.actions import encode_action
+from ..io.checkpoint import check_and_load, load_checkpoint, read_weights
+from ..models.attention import check_backend, resolve_backend
+from ..models.model import WanDiT
 from .cache import StreamCache
-from .checkpoint import check_and_load, load_checkpoint, read_weights
-from .config import PIPELINE_PRESETS, PipelineConfig
-from .errors import ConfigError
-from .model import WanDiT
+from .chunk_step import generate_chunk
 from .sampling import FewStepSampler
-from .streaming import generate_chunk
-from .text import build_text_encoder, check_prompt
-from .vae import build_vae
 
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SHIPPED = {"default": os.path.join(ASSETS, "default")}
 
 
@@ -90,7 +90,7 @@ class Pipeline:
                 raise ConfigError(f"unknown model {name_or_path!r}: not a shipped model ({', '.join(SHIPPED)}), "
                                   f"a preset ({', '.join(sorted(PIPELINE_PRESETS))}) or an existing path")
             # Any layout (Self-Forcing .pt, Wan2.1, diffusers); config: explicit > metadata >
-            # config.json > family from the file name (streamgen.checkpoint.load_checkpoint).
+            # config.json > family from the file name (streamgen.io.checkpoint.load_checkpoint).
             ck = load_checkpoint(name_or_path, config=config)
             sd, meta_cfg, ae_sd, config = ck.state_dict, ck.config, ck.autoencoder, None
         if config is not None:
@@ -162,7 +162,7 @@ class Pipeline:
 
     def opening_frames(self, prompt: str, seed: int) -> np.ndarray:
         """One chunk of the built-in world's frames for ``prompt`` and ``seed`` (uint8 [k, H, W, 3])."""
-        from .world.episodes import opening_frames
+        from ..world.episodes import opening_frames
         c = self.config
         if c.height != c.width:
             raise ConfigError("start='world' needs a square model (the world renders square frames)")

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import CacheConfig, ModelConfig
-from .errors import ConfigError
+from ..config import CacheConfig, ModelConfig
+from ..errors import ConfigError
 
 
 class StreamCache:

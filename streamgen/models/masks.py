@@ -4,7 +4,7 @@ A leaf module (torch only): the attention dispatcher and the Triton kernels both
 structure from here, so the kernels import nothing of the engine.
 
 ``frame_mask`` returns a :class:`FrameMask` (frames, tokens per frame, chunk, sink, window)
-that ``streamgen.attention.attention`` accepts in place of a dense mask: the triton and flex
+that ``streamgen.models.attention.attention`` accepts in place of a dense mask: the triton and flex
 backends use the structure (masked tiles are skipped), the others materialise the dense
 [L, L] mask once per mask object.
 """
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(eq=False)
