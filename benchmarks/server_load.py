@@ -17,7 +17,7 @@ import torch
 from streamgen.engine.pipeline import Pipeline
 from streamgen.server.app import create_app
 from streamgen.server.cli import ServerThread
-from streamgen.server.client import _pct, run_client
+from streamgen.server.client import ActionPlan, _pct, run_client
 
 
 def main(argv=None) -> int:
@@ -35,8 +35,8 @@ def main(argv=None) -> int:
         for n in counts:
             async def go():
                 return await asyncio.gather(*(run_client(srv.ws_url, f"benchmark room {i}", frames=args.frames, seed=i,
-                                                         keys=[["W"], ["A"], ["S"], ["D"]], change_every=6,
-                                                         keep_frames=False) for i in range(n)))
+                                                         actions=ActionPlan(keys=[["W"], ["A"], ["S"], ["D"]],
+                                                                            change_every=6)) for i in range(n)))
             b = app.state.hub.batcher
             f0, s0 = b.forward_calls, b.steps
             t0 = time.monotonic()

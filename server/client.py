@@ -18,8 +18,10 @@ import asyncio
 import io
 import json
 import sys
+import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,139 +35,201 @@ def _pct(xs, p):
     return round(xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))], 2)
 
 
-async def run_client(url: str, prompt: str, *, frames: int = 48, seed: int | None = 0, codec: str = "jpeg",
-                     token: str | None = None, schedule=None, keys: list[list[str]] | None = None,
-                     change_every: int = 6, keyboard: "queue_like | None" = None, out: str | None = None,
-                     switch_prompt: tuple[int, str] | None = None, timeout: float = 60.0,
-                     keep_frames: bool = False) -> dict:
-    """Stream ``frames`` frames; returns a summary dict (and the decoded frames if keep_frames)."""
-    from websockets.asyncio.client import connect
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    res = {"url": url, "codec": codec, "frames": 0, "errors": [], "stats": None, "end": None}
-    sent_at: dict[int, float] = {}
-    lat: list[float] = []
-    got: list[np.ndarray] = []
-    fmp4 = bytearray()
-    seq = 0
-    last_action = None
-    t_first = t0 = None
-    writer = None
-    async with connect(url, additional_headers=headers, max_size=64 << 20, open_timeout=timeout) as ws:
-        start = {"type": "start", "prompt": prompt, "codec": codec}
-        if seed is not None:
-            start["seed"] = seed
-        t0 = time.monotonic()
-        await ws.send(json.dumps(start))
-        ready = None
-        while ready is None:
-            m = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-            if m["type"] == "ready":
-                ready = m
-            elif m["type"] == "error":
-                res["errors"].append(m)
-                res["ready"] = None
-                return res
-        res["ready"] = ready
-        if out and codec == "jpeg":
+@dataclass
+class ActionPlan:
+    """Where actions come from: a per-frame ``schedule``, a cycle of ``keys`` changing every
+    ``change_every`` frames, or a ``keyboard`` queue (None in it = the user quit)."""
+
+    schedule: list[dict] | None = None
+    keys: list[list[str]] | None = None
+    change_every: int = 6
+    keyboard: "queue.Queue | None" = None
+
+    def at(self, frame: int) -> dict | None:
+        """The planned action from video frame ``frame`` on (None: keep the last one)."""
+        if self.keyboard is not None:
+            return None
+        if self.schedule:
+            return self.schedule[min(frame, len(self.schedule) - 1)]
+        if self.keys:
+            return {"keys": self.keys[(frame // self.change_every) % len(self.keys)], "mouse": [0.0, 0.0]}
+        return None
+
+    def typed(self) -> list[dict]:
+        """Actions typed since the last call; raises EOFError when the user quit."""
+        out = []
+        while self.keyboard is not None and not self.keyboard.empty():
+            a = self.keyboard.get_nowait()
+            if a is None:
+                raise EOFError
+            out.append(a)
+        return out
+
+
+class ActionLog:
+    """Numbers each changed action with a new ``seq`` and measures action -> frame latency:
+    the time from sending seq to the first frame whose header carries seq or a later one."""
+
+    def __init__(self, ws):
+        self.ws, self.seq, self.last = ws, 0, None
+        self.sent_at: dict[int, float] = {}
+        self.latency_ms: list[float] = []
+
+    async def send(self, action: dict | None) -> None:
+        if action is None or action == self.last:
+            return
+        self.seq += 1
+        self.last = action
+        self.sent_at[self.seq] = time.monotonic()
+        await self.ws.send(json.dumps({"type": "action", "seq": self.seq, **action}))
+
+    def frame_arrived(self, action_seq: int | None, now: float) -> None:
+        if action_seq is None:
+            return
+        for s in [s for s in self.sent_at if s <= action_seq]:
+            self.latency_ms.append((now - self.sent_at.pop(s)) * 1000)
+
+    def summary(self) -> dict:
+        lat = self.latency_ms
+        return {"n": len(lat), "p50": _pct(lat, 0.5), "p90": _pct(lat, 0.9), "p99": _pct(lat, 0.99)}
+
+
+class FrameSink:
+    """What happens to received media: JPEG frames decoded (for ``out`` and/or ``keep``),
+    fMP4 bytes collected, written to ``out`` and decoded at the end if ``keep``."""
+
+    def __init__(self, codec: str, out: str | None = None, keep: bool = False):
+        self.codec, self.out, self.keep = codec, out, keep
+        self.fmp4 = bytearray()
+        self.frames: list[np.ndarray] = []     # each uint8 [H, W, 3]
+        self.writer = None
+
+    def open(self, ready: dict) -> None:
+        if self.out and self.codec == "jpeg":
             from streamgen.io.video import Mp4Writer
-            writer = Mp4Writer(out, ready["fps"], ready["width"], ready["height"])
+            self.writer = Mp4Writer(self.out, ready["fps"], ready["width"], ready["height"])
 
-        async def send_action(action):
-            nonlocal seq, last_action
-            if action == last_action:
-                return
-            seq += 1
-            last_action = action
-            sent_at[seq] = time.monotonic()
-            await ws.send(json.dumps({"type": "action", "seq": seq, **action}))
+    def add(self, kind: int, payload: bytes) -> None:
+        if kind != KIND_JPEG:                  # fMP4 init segment or fragment
+            self.fmp4 += payload
+            return
+        if self.writer is None and not self.keep:
+            return
+        from PIL import Image
+        arr = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
+        if self.writer is not None:
+            self.writer.write(arr[None])
+        if self.keep:
+            self.frames.append(arr)
 
-        def planned(i):
-            if schedule:
-                return schedule[min(i, len(schedule) - 1)]
-            if keys:
-                return {"keys": keys[(i // change_every) % len(keys)], "mouse": [0.0, 0.0]}
+    def close(self) -> list[np.ndarray]:
+        if self.writer is not None:
+            self.writer.close()
+        if self.out and self.codec == "fmp4":
+            with open(self.out, "wb") as f:
+                f.write(self.fmp4)
+        if self.keep and self.codec == "fmp4" and self.fmp4:
+            import av
+            with av.open(io.BytesIO(bytes(self.fmp4))) as c:
+                self.frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        return self.frames
+
+
+async def _open_stream(ws, prompt: str, seed: int | None, codec: str, timeout: float, res: dict) -> dict | None:
+    """Send ``start`` and wait for ``ready`` (None, with the error in res, if refused)."""
+    start = {"type": "start", "prompt": prompt, "codec": codec}
+    if seed is not None:
+        start["seed"] = seed
+    await ws.send(json.dumps(start))
+    while True:
+        m = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        if m["type"] == "ready":
+            return m
+        if m["type"] == "error":
+            res["errors"].append(m)
             return None
 
-        first = planned(0)
-        if first is not None:
-            await send_action(first)
-        received = 0
+
+def _on_text(msg: str, res: dict) -> bool:
+    """Record a JSON control message; True when it ends the stream."""
+    m = json.loads(msg)
+    if m["type"] == "stats":
+        res["stats"] = m
+    elif m["type"] == "error":
+        res["errors"].append(m)
+    elif m["type"] == "end":
+        res["end"] = m
+        return True
+    return False
+
+
+async def _stop(ws, sink: FrameSink, res: dict) -> None:
+    """Send ``stop`` and drain until ``end`` (fMP4 bytes still arriving go to the sink)."""
+    await ws.send(json.dumps({"type": "stop"}))
+    try:
+        while res["end"] is None:
+            msg = await asyncio.wait_for(ws.recv(), 5)
+            if isinstance(msg, str):
+                _on_text(msg, res)
+            elif sink.codec == "fmp4":
+                sink.add(KIND_FRAGMENT, unpack_header(msg)[1])
+    except Exception:
+        pass
+
+
+async def run_client(url: str, prompt: str, *, frames: int = 48, seed: int | None = 0, codec: str = "jpeg",
+                     token: str | None = None, actions: ActionPlan | None = None, out: str | None = None,
+                     keep_frames: bool = False, switch_prompt: tuple[int, str] | None = None,
+                     timeout: float = 60.0) -> dict:
+    """Stream ``frames`` frames driven by ``actions``; returns a summary dict (with the decoded
+    frames as ``frames_data`` if keep_frames). Protocol only: actions, latency and media live in
+    :class:`ActionPlan`, :class:`ActionLog` and :class:`FrameSink`."""
+    from websockets.asyncio.client import connect
+    plan = actions or ActionPlan()
+    sink = FrameSink(codec, out, keep_frames)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    res = {"url": url, "codec": codec, "frames": 0, "errors": [], "stats": None, "end": None}
+    received, t_first, t0 = 0, None, time.monotonic()
+    async with connect(url, additional_headers=headers, max_size=64 << 20, open_timeout=timeout) as ws:
+        log = ActionLog(ws)
+        res["ready"] = ready = await _open_stream(ws, prompt, seed, codec, timeout, res)
+        if ready is None:
+            return res
+        sink.open(ready)
+        await log.send(plan.at(0))
         try:
             while received < frames:
-                if keyboard is not None:
-                    while not keyboard.empty():
-                        a = keyboard.get_nowait()
-                        if a is None:
-                            raise EOFError
-                        await send_action(a)
+                for a in plan.typed():
+                    await log.send(a)
                 msg = await asyncio.wait_for(ws.recv(), timeout)
                 if isinstance(msg, str):
-                    m = json.loads(msg)
-                    if m["type"] == "stats":
-                        res["stats"] = m
-                    elif m["type"] == "error":
-                        res["errors"].append(m)
-                    elif m["type"] == "end":
-                        res["end"] = m
+                    if _on_text(msg, res):
                         break
                     continue
                 hdr, payload = unpack_header(msg)
                 now = time.monotonic()
                 if hdr.kind == KIND_INIT:
-                    fmp4 += payload
+                    sink.add(hdr.kind, payload)
                     continue
                 if hdr.kind not in (KIND_JPEG, KIND_FRAGMENT):
                     continue
-                if t_first is None:
-                    t_first = now
-                if hdr.action_seq is not None:
-                    for s in [s for s in sent_at if s <= hdr.action_seq]:
-                        lat.append((now - sent_at.pop(s)) * 1000)
-                if hdr.kind == KIND_JPEG:
-                    if writer is not None or keep_frames:
-                        from PIL import Image
-                        arr = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
-                        if writer is not None:
-                            writer.write(arr[None])
-                        if keep_frames:
-                            got.append(arr)
-                else:
-                    fmp4 += payload
+                t_first = t_first or now
+                log.frame_arrived(hdr.action_seq, now)
+                sink.add(hdr.kind, payload)
                 received += 1
                 if switch_prompt and received == switch_prompt[0]:
                     await ws.send(json.dumps({"type": "prompt", "prompt": switch_prompt[1]}))
-                nxt = planned(hdr.frame + 1) if keyboard is None else None
-                if nxt is not None:
-                    await send_action(nxt)
+                await log.send(plan.at(hdr.frame + 1))
         except EOFError:
             pass
         t_end = time.monotonic()
-        await ws.send(json.dumps({"type": "stop"}))
-        try:
-            while res["end"] is None:
-                msg = await asyncio.wait_for(ws.recv(), 5)
-                if isinstance(msg, str):
-                    m = json.loads(msg)
-                    if m["type"] == "end":
-                        res["end"] = m
-                elif codec == "fmp4":
-                    fmp4 += unpack_header(msg)[1]
-        except Exception:
-            pass
-    if writer is not None:
-        writer.close()
-    if out and codec == "fmp4":
-        with open(out, "wb") as f:
-            f.write(fmp4)
-    if keep_frames and codec == "fmp4" and fmp4:
-        import av
-        with av.open(io.BytesIO(bytes(fmp4))) as c:
-            got = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        await _stop(ws, sink, res)
+    got = sink.close()
     res.update({
-        "frames": received, "actions_sent": seq,
+        "frames": received, "actions_sent": log.seq,
         "fps": round((received - 1) / (t_end - t_first), 2) if t_first and received > 1 and t_end > t_first else None,
         "first_frame_s": round(t_first - t0, 3) if t_first else None,
-        "action_latency_ms": {"n": len(lat), "p50": _pct(lat, 0.5), "p90": _pct(lat, 0.9), "p99": _pct(lat, 0.99)},
+        "action_latency_ms": log.summary(),
         "out": out,
     })
     if keep_frames:
@@ -178,7 +242,6 @@ def _parse_keys(spec: str) -> list[list[str]]:
 
 
 def _keyboard_queue(space_keys):
-    import queue
     q: queue.Queue = queue.Queue()
     upper = {k.upper(): k for k in space_keys}
 
@@ -247,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         switch = (int(at), text)
     try:
         res = asyncio.run(run_client(args.url, args.prompt, frames=args.frames, seed=args.seed, codec=args.codec,
-                                     token=args.token, schedule=schedule, keys=keys, change_every=args.change_every,
-                                     keyboard=kb, out=args.out, switch_prompt=switch, timeout=args.timeout))
+                                     token=args.token, out=args.out, switch_prompt=switch, timeout=args.timeout,
+                                     actions=ActionPlan(schedule, keys, args.change_every, kb)))
     except (OSError, asyncio.TimeoutError) as e:
         print(f"error: cannot stream from {args.url}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

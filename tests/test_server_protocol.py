@@ -19,7 +19,7 @@ from streamgen.engine.pipeline import Pipeline  # noqa: E402
 from streamgen.server.app import create_app  # noqa: E402
 from streamgen.server.batcher import Batcher  # noqa: E402
 from streamgen.server.cli import ServerThread  # noqa: E402
-from streamgen.server.client import run_client  # noqa: E402
+from streamgen.server.client import ActionPlan, run_client  # noqa: E402
 from streamgen.server.media import KIND_FRAGMENT, KIND_INIT, KIND_JPEG, unpack_header  # noqa: E402
 
 
@@ -108,8 +108,8 @@ def test_round_trip_actions_prompt_stop_restart(server):
 def test_fmp4_stream_decodes(server, tmp_path):
     av = pytest.importorskip("av")
     out = tmp_path / "s.mp4"
-    res = asyncio.run(run_client(server.ws_url, "a blue hall", frames=20, codec="fmp4", keys=[["W"], ["A"]],
-                                 change_every=6, out=str(out)))
+    res = asyncio.run(run_client(server.ws_url, "a blue hall", frames=20, codec="fmp4",
+                                 actions=ActionPlan(keys=[["W"], ["A"]], change_every=6), out=str(out)))
     assert res["frames"] == 20 and not res["errors"]
     with av.open(str(out)) as c:
         n = sum(1 for _ in c.decode(video=0))
@@ -225,3 +225,27 @@ def test_batched_rows_reproduce_solo_sessions(pipe):
             diff = np.abs(got[i][j].frames.astype(int) - ref.astype(int))
             # same math; only float rounding differs with the batch size (uint8 +-1 at .5 boundaries)
             assert diff.max() <= 2 and diff.mean() < 0.05, f"session {i} chunk {j}: max {diff.max()}"
+
+
+def test_client_cli_streams_keys_to_mp4_and_reports_latency(server, tmp_path, capsys):
+    from streamgen.server.client import main
+    av = pytest.importorskip("av")
+    out = tmp_path / "c.mp4"
+    rc = main(["--url", server.ws_url, "--prompt", "a red hall", "--keys", "W,D+W", "--change-every", "4",
+               "--frames", "12", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["frames"] == 12 and res["actions_sent"] >= 3 and not res["errors"]
+    assert res["action_latency_ms"]["n"] >= 2 and res["action_latency_ms"]["p50"] > 0
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 12
+
+
+def test_client_cli_rejects_bad_arguments_before_connecting(tmp_path, capsys):
+    from streamgen.server.client import main
+    bad = tmp_path / "a.jsonl"
+    bad.write_text('{"keys": ["W"]}\n{"keys": 5}\n')
+    assert main(["--url", "ws://127.0.0.1:9/x", "--actions", str(bad)]) == 2
+    assert "a.jsonl:2" in capsys.readouterr().err
+    assert main(["--url", "ws://127.0.0.1:9/x", "--switch-prompt", "x:"]) == 2
+    assert main(["--url", "ws://127.0.0.1:9/x", "--frames", "0"]) == 2

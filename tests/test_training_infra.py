@@ -192,8 +192,8 @@ def _torchrun(cfg_path, *extra, env=None, timeout=180):
 def test_fsdp2_two_rank_sharded_checkpoint_resume(tmp_path):
     """FSDP2 (on CPU/gloo here) checkpoints with torch.distributed.checkpoint: each rank writes its
     shards (models, optimizers, EMA, its RNG), nothing is gathered; a run stopped and resumed from
-    them reaches the same state bit for bit. (Both runs stop before the end: the FSDP2 release
-    export is the stages' business, see training/trainers.py ema_state_dict.)"""
+    them reaches the same state bit for bit; a run that finishes writes whole (gathered) EMA
+    weights to its release file."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     _fixture_releases(tmp_path)
     env = dict(ENV, STREAMGEN_FSDP="1")
@@ -227,3 +227,8 @@ def test_fsdp2_two_rank_sharded_checkpoint_resume(tmp_path):
     for k, v in sa["optim.dit"]["state"].items():
         for name, t in v.items():
             assert torch.equal(torch.as_tensor(t), torch.as_tensor(sb["optim.dit"]["state"][k][name])), (k, name)
+    r = _torchrun(ref, env=env)                                        # finish: step 6, export
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rel, _ = read_weights(str(tmp_path / "ref" / "release.safetensors"))
+    assert {k: v.shape for k, v in rel.items()} == {k: v.shape for k, v in init.items()}
+    assert any(not torch.equal(rel[k], init[k]) for k in init) and all(v.isfinite().all() for v in rel.values())

@@ -82,8 +82,9 @@ def load_latents(cfg: DataConfig, pcfg, autoencoder, ae_path: str) -> dict:
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
     raw = load_frames(cfg)
+    from tqdm import tqdm
     lat = []
-    for i in range(0, raw["frames"].shape[0], 32):
+    for i in tqdm(range(0, raw["frames"].shape[0], 32), desc="encoding clips", unit="batch", mininterval=5.0):
         lat.append(autoencoder.encode(to_video(raw["frames"][i:i + 32])).float())
     enc = build_text_encoder_for(pcfg)
     memo = {}

@@ -85,14 +85,17 @@ class Dist:
             dist.destroy_process_group()
 
 
+def full_tensor(v: torch.Tensor) -> torch.Tensor:
+    """A plain CPU copy of ``v``; an FSDP2 DTensor shard is gathered first (a collective: every
+    rank must call it)."""
+    if hasattr(v, "full_tensor"):
+        v = v.full_tensor()
+    return v.detach().cpu().clone()
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A plain CPU state dict (gathers FSDP2 DTensors)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        if hasattr(v, "full_tensor"):
-            v = v.full_tensor()
-        out[k] = v.detach().cpu().clone()
-    return out
+    return {k: full_tensor(v) for k, v in model.state_dict().items()}
 
 
 # ------------------------------------------------------------------ sharded (DCP) checkpoints

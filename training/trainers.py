@@ -25,7 +25,7 @@ from ..engine.chunk_step import rollout as inference_rollout
 from . import losses as L
 from .config import RunConfig
 from .data import batch_indices, load_frames, load_latents, step_seed, to_video
-from .distributed import Dist, full_state_dict
+from .distributed import Dist, full_state_dict, full_tensor
 from .rollout import new_cache, rollout
 
 HELD_OUT = 16   # last clips of the data set: samples, never trained on
@@ -108,7 +108,7 @@ class Stage:
     def ema_state_dict(self, model) -> dict:
         sd = full_state_dict(model)
         for k, v in self.ema.items():
-            sd[k] = v.detach().cpu().clone()
+            sd[k] = full_tensor(v)          # FSDP2: EMA shards are DTensors, gathered like the model
         return sd
 
     def state(self) -> dict:

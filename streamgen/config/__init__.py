@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from ..errors import ConfigError
@@ -43,6 +44,28 @@ def _from_dict(cls, data: dict[str, Any] | None):
         raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
+class _FromDict:
+    """``from_dict``: the validated constructor every config shares (unknown keys are errors)."""
+
+    @classmethod
+    def from_dict(cls, data):
+        return _from_dict(cls, data)
+
+
+class _Named(_FromDict):
+    """``from_name``: a config looked up in its read-only preset table (``_presets``)."""
+
+    _presets: Mapping[str, Any] = MappingProxyType({})
+    _preset_kind = "preset"
+
+    @classmethod
+    def from_name(cls, name: str):
+        if name not in cls._presets:
+            known = ", ".join(sorted(cls._presets))
+            raise ConfigError(f"unknown {cls._preset_kind} {name!r}; known: {known}")
+        return _from_dict(cls, cls._presets[name])
+
+
 def to_dict(cfg) -> dict[str, Any]:
     """Plain-JSON dict of a config dataclass (tuples become lists)."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -60,7 +83,7 @@ def json_ready(obj):
 
 
 @dataclass(frozen=True)
-class ActionSpace:
+class ActionSpace(_FromDict):
     """Per-frame actions: named keys as multi-hot plus an optional continuous mouse (dx, dy)."""
 
     keys: tuple[str, ...] = ()
@@ -86,8 +109,11 @@ class ActionSpace:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Named):
     """Wan2.1-layout DiT. Names follow Wan's own config."""
+
+    _presets = MODEL_PRESETS          # class attributes, not fields
+    _preset_kind = "model preset"
 
     dim: int = 1536
     ffn_dim: int = 8960
@@ -165,19 +191,11 @@ class ModelConfig:
             rest += self.actions.dim * d + d + d * d + d
         return self.num_layers * per_block + rest
 
-    @classmethod
-    def from_name(cls, name: str) -> "ModelConfig":
-        if name not in MODEL_PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(MODEL_PRESETS))}")
-        return _from_dict(cls, MODEL_PRESETS[name])
 
-    @classmethod
-    def from_dict(cls, data) -> "ModelConfig":
-        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(_FromDict):
     """Streaming KV-cache memory policy.
 
     The cache keeps ``sink_frames`` first frames, an optional ``anchor_frames`` region filled
@@ -225,13 +243,10 @@ class CacheConfig:
     def total_frames(self) -> int:
         return self.sink_frames + self.anchor_frames + self.ring_frames
 
-    @classmethod
-    def from_dict(cls, data) -> "CacheConfig":
-        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(_FromDict):
     """Few-step flow-matching sampler (Self-Forcing's)."""
 
     denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
@@ -261,14 +276,13 @@ class SamplerConfig:
         steps = tuple(1000.0 - 1000.0 * i / k for i in range(k))
         return dataclasses.replace(self, denoising_steps=steps)
 
-    @classmethod
-    def from_dict(cls, data) -> "SamplerConfig":
-        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(_Named):
     """Everything a streaming pipeline needs besides weights."""
+
+    _presets = PIPELINE_PRESETS       # class attribute, not a field
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -310,15 +324,7 @@ class PipelineConfig:
     def tokens_per_frame(self) -> int:
         return self.model.tokens_per_frame(self.latent_height, self.latent_width)
 
-    @classmethod
-    def from_name(cls, name: str) -> "PipelineConfig":
-        if name not in PIPELINE_PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PIPELINE_PRESETS))}")
-        return _from_dict(cls, PIPELINE_PRESETS[name])
 
-    @classmethod
-    def from_dict(cls, data) -> "PipelineConfig":
-        return _from_dict(cls, data)
 
 
 _NESTED = {

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -163,16 +166,22 @@ def _sprite(rng, grid, free) -> Sprite:
 
 
 # ----------------------------------------------------------------------------- renderer
-_ASSETS: dict[str, dict] = {}
 _SPRITE_RADIUS = 0.22   # world units
 
 
-def _assets(theme: str) -> dict:
-    if theme not in _ASSETS:
-        a = theme_assets(theme)
-        a["flat"] = a["atlas"].reshape(-1, 3)                          # [5*TEX*TEX, 3]
-        _ASSETS[theme] = a
-    return _ASSETS[theme]
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+# The three helpers below are pure functions of small keys (theme, time, frame size), memoised
+# with lru_cache and returning read-only values: no module dict is written while rendering.
+@lru_cache(maxsize=16)
+def _assets(theme: str) -> Mapping[str, Any]:
+    a = theme_assets(theme)
+    a["flat"] = _frozen(a["atlas"].reshape(-1, 3).copy())              # [5*TEX*TEX, 3]
+    a["atlas"] = _frozen(a["atlas"])
+    return MappingProxyType(a)
 
 
 def _cast(grid: np.ndarray, px, py, rdx, rdy):
@@ -208,38 +217,28 @@ def _cast(grid: np.ndarray, px, py, rdx, rdy):
     return perp, side, mat, u - np.floor(u)
 
 
-_GEOM: dict[tuple, tuple] = {}
-
-
+@lru_cache(maxsize=16)
 def _geometry(h: int, w: int):
-    key = (h, w)
-    if key not in _GEOM:
-        plane = math.tan(math.radians(FOV_DEG) / 2)
-        cam = (2.0 * (np.arange(w) + 0.5) / w - 1.0) * plane      # [W]
-        yy = np.arange(h) + 0.5 - h / 2.0                         # [H] rows relative to horizon
-        row_dist = (h / 2.0) / np.abs(yy)                          # [H] floor/ceiling distance
-        _GEOM[key] = (cam, yy, row_dist)
-    return _GEOM[key]
+    plane = math.tan(math.radians(FOV_DEG) / 2)
+    cam = (2.0 * (np.arange(w) + 0.5) / w - 1.0) * plane          # [W]
+    yy = np.arange(h) + 0.5 - h / 2.0                             # [H] rows relative to horizon
+    row_dist = (h / 2.0) / np.abs(yy)                              # [H] floor/ceiling distance
+    return _frozen(cam), _frozen(yy), _frozen(row_dist)
 
 
-_PALETTE: dict[tuple, np.ndarray] = {}
-
-
+@lru_cache(maxsize=64)
 def _palette(theme: str, time: str, h: int) -> np.ndarray:
     """The theme's flat atlas, then one sky colour per screen row, tinted by the time of day
     -> float32 [5*TEX*TEX + H, 3]; sky pixels index the rows after the atlas."""
-    key = (theme, time, h)
-    if key not in _PALETTE:
-        A = _assets(theme)
-        tint = np.asarray(TIME_LIGHT[time][1], np.float32)
-        rows = np.zeros((h, 3), np.float32)
-        if A["sky"] is not None:
-            top, hor = (np.asarray(c, np.float32) for c in A["sky"])
-            yy = np.arange(h) + 0.5 - h / 2.0
-            g = np.clip((yy + h / 2.0) / (h / 2.0), 0, 1)[:, None].astype(np.float32)   # [H, 1]
-            rows = top[None] * (1 - g) + hor[None] * g                                  # [H, 3]
-        _PALETTE[key] = np.concatenate([A["flat"].astype(np.float32), rows]) * tint
-    return _PALETTE[key]
+    A = _assets(theme)
+    tint = np.asarray(TIME_LIGHT[time][1], np.float32)
+    rows = np.zeros((h, 3), np.float32)
+    if A["sky"] is not None:
+        top, hor = (np.asarray(c, np.float32) for c in A["sky"])
+        yy = np.arange(h) + 0.5 - h / 2.0
+        g = np.clip((yy + h / 2.0) / (h / 2.0), 0, 1)[:, None].astype(np.float32)   # [H, 1]
+        rows = top[None] * (1 - g) + hor[None] * g                                  # [H, 3]
+    return _frozen(np.concatenate([A["flat"].astype(np.float32), rows]) * tint)
 
 
 def render(world: World, poses, times, look: Look, size: int | tuple[int, int] = 64) -> np.ndarray:
