@@ -20,20 +20,12 @@ from streamgen.server.app import create_app  # noqa: E402
 from streamgen.server.batcher import Batcher  # noqa: E402
 from streamgen.server.cli import ServerThread  # noqa: E402
 from streamgen.server.control import Prep, StepModel  # noqa: E402
+from server_helpers import tiny_world_pipe, next_json  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return Pipeline.from_pretrained("tiny-world", random_weights=True)
-
-
-async def next_json(ws, timeout=20):
-    while True:
-        msg = await asyncio.wait_for(ws.recv(), timeout)
-        if isinstance(msg, str):
-            m = json.loads(msg)
-            if m["type"] != "stats":
-                return m
+    return tiny_world_pipe()
 
 
 class SlowEncoder:

@@ -19,6 +19,7 @@ from streamgen.server.app import create_app  # noqa: E402
 from streamgen.server.cli import ServerThread  # noqa: E402
 from streamgen.server.media import unpack_header  # noqa: E402
 from streamgen.codecs.text import check_prompt  # noqa: E402
+from server_helpers import tiny_world_pipe, running_server, next_json  # noqa: E402
 
 CODES = {"bad_json", "unknown_type", "bad_action", "bad_prompt", "bad_codec", "bad_request", "bad_message",
          "bad_start", "not_started", "already_started", "too_large", "rate_limited", "busy", "unauthorized",
@@ -50,24 +51,13 @@ def server_logs():
 
 @pytest.fixture(scope="module")
 def pipe():
-    return Pipeline.from_pretrained("tiny-world", random_weights=True)
+    return tiny_world_pipe()
 
 
 @pytest.fixture(scope="module")
 def server(pipe):
-    app = create_app(pipe, max_sessions=4, pace=4.0, rate_limit=100, stats_interval=60, admission="degrade")
-    with ServerThread(app) as srv:
-        srv.hub = app.state.hub
+    with running_server(pipe, max_sessions=4, pace=4.0, rate_limit=100, stats_interval=60, admission="degrade") as srv:
         yield srv
-
-
-async def next_json(ws, timeout=20):
-    while True:
-        msg = await asyncio.wait_for(ws.recv(), timeout)
-        if isinstance(msg, str):
-            m = json.loads(msg)
-            if m["type"] != "stats":
-                return m
 
 
 async def frames(ws, n, timeout=30):

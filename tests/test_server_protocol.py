@@ -3,7 +3,6 @@
 Uses tiny-world with random weights (CPU) at pace=4 (4x real time) to keep the run short.
 """
 import asyncio
-import io
 import json
 import time
 
@@ -15,35 +14,21 @@ pytest.importorskip("fastapi")
 pytest.importorskip("websockets")
 from websockets.asyncio.client import connect  # noqa: E402
 
-from streamgen.engine.pipeline import Pipeline  # noqa: E402
-from streamgen.server.app import create_app  # noqa: E402
 from streamgen.server.batcher import Batcher  # noqa: E402
-from streamgen.server.cli import ServerThread  # noqa: E402
 from streamgen.server.client import ActionPlan, run_client  # noqa: E402
 from streamgen.server.media import KIND_FRAGMENT, KIND_INIT, KIND_JPEG, unpack_header  # noqa: E402
+from server_helpers import tiny_world_pipe, running_server, recv_json  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return Pipeline.from_pretrained("tiny-world", random_weights=True)
+    return tiny_world_pipe()
 
 
 @pytest.fixture(scope="module")
 def server(pipe):
-    app = create_app(pipe, max_sessions=8, pace=4.0, stats_interval=0.3, admission="degrade")
-    with ServerThread(app) as srv:
-        srv.hub = app.state.hub
+    with running_server(pipe, max_sessions=8, pace=4.0, stats_interval=0.3, admission="degrade") as srv:
         yield srv
-
-
-async def recv_json(ws, want, timeout=20):
-    t_end = time.monotonic() + timeout
-    while True:
-        msg = await asyncio.wait_for(ws.recv(), max(0.01, t_end - time.monotonic()))
-        if isinstance(msg, str):
-            m = json.loads(msg)
-            if m["type"] == want:
-                return m
 
 
 def test_http_endpoints(server):

@@ -14,32 +14,21 @@ pytest.importorskip("fastapi")
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-from streamgen.engine.pipeline import Pipeline  # noqa: E402
 from streamgen.server.app import create_app  # noqa: E402
 from streamgen.server.cli import ServerThread, main as serve_main  # noqa: E402
 from streamgen.server.media import unpack_header  # noqa: E402
+from server_helpers import next_json, running_server, tiny_world_pipe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return Pipeline.from_pretrained("tiny-world", random_weights=True)
+    return tiny_world_pipe()
 
 
 @pytest.fixture(scope="module")
 def server(pipe):
-    app = create_app(pipe, max_sessions=4, pace=4.0, rate_limit=50, stats_interval=0.3, admission="degrade")
-    with ServerThread(app) as srv:
-        srv.hub = app.state.hub
+    with running_server(pipe, max_sessions=4, pace=4.0, rate_limit=50, stats_interval=0.3, admission="degrade") as srv:
         yield srv
-
-
-async def next_json(ws, timeout=10):
-    while True:
-        msg = await asyncio.wait_for(ws.recv(), timeout)
-        if isinstance(msg, str):
-            m = json.loads(msg)
-            if m["type"] != "stats":
-                return m
 
 
 async def next_frame(ws, timeout=10):
