@@ -23,7 +23,8 @@ ENGINE = ("streamgen.models.attention", "streamgen.models.masks", "streamgen.eng
           "streamgen.config.presets", "streamgen.io.families", "streamgen.engine.compile", "streamgen.codecs.autoencoder",
           "streamgen.models.kernels_bridge", "streamgen.io.checkpoint", "streamgen.codecs.vae", "streamgen.engine.pipeline",
           "streamgen.codecs.base", "streamgen.codecs.preview", "streamgen.codecs.factory", "streamgen.engine.fp8",
-          "streamgen.engine.overlapped_decode")
+          "streamgen.engine.overlapped_decode", "streamgen.world.render", "streamgen.world.scene",
+          "streamgen.world.episodes", "streamgen.world.policies", "streamgen.world.data")
 
 
 def _tiny(backend="sdpa"):
@@ -88,6 +89,9 @@ def test_engine_writes_no_module_level_state():
     s.step({"keys": ["W"]})
     s.set_prompt("an ice cave")                                            # re-cache policy
     s.step()
+    from streamgen.world.episodes import generate_clip
+    for seed, size in ((11, 48), (12, 40)):                                # looks and sizes not seen yet
+        generate_clip(seed, 6, size=size, policy="explore" if seed == 11 else "random")
     p, m = _tiny()
     m.train()
     x = torch.randn(1, 6, p.model.in_channels, p.latent_height, p.latent_width)
