@@ -232,3 +232,31 @@ def test_fsdp2_two_rank_sharded_checkpoint_resume(tmp_path):
     rel, _ = read_weights(str(tmp_path / "ref" / "release.safetensors"))
     assert {k: v.shape for k, v in rel.items()} == {k: v.shape for k, v in init.items()}
     assert any(not torch.equal(rel[k], init[k]) for k in init) and all(v.isfinite().all() for v in rel.values())
+
+
+@pytest.mark.parametrize("teacher_attn", ["bidirectional", "block_causal"])
+def test_dmd_real_score_and_critic_attend_as_teacher_attn_says(tmp_path, teacher_attn, monkeypatch):
+    """A causal model can serve as DMD's real score (teacher_attn: block_causal): then the teacher
+    and the critic run with the student's block-causal mask; by default both see the whole clip."""
+    from streamgen.training.distributed import Dist
+    from streamgen.training.trainers import build_stage
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _fixture_releases(tmp_path)
+    cfg = load_run_config(_cfg(tmp_path, gen_every=1, teacher_attn=teacher_attn, start_chunks=1))
+    stage = build_stage(cfg, Dist())
+    seen = []
+
+    def spy(mod, name):
+        fwd = mod.forward
+
+        def run(*a, **k):
+            seen.append((name, k.get("attn_mode", "bidirectional")))
+            return fwd(*a, **k)
+        monkeypatch.setattr(mod, "forward", run)
+    spy(stage.teacher, "teacher")
+    spy(stage.mods["critic"], "critic")
+    out = stage.step(0)
+    assert torch.isfinite(torch.tensor(out["dmd_loss"]))
+    assert {n for n, _ in seen} == {"teacher", "critic"} and {m for _, m in seen} == {teacher_attn}
+    with pytest.raises(ConfigError, match="teacher_attn"):
+        run_config_from_dict({"stage": "dmd", "teacher": "x", "teacher_attn": "causal"})

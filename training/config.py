@@ -103,6 +103,10 @@ class RunConfig:
     action_dropout: float = 0.1
     guidance: float = 3.0                  # real-score CFG: cond + g (cond - uncond)
     guidance_on: str = "text"              # "text" | "text+actions" (what "uncond" drops)
+    teacher_attn: str = "bidirectional"    # how students' real score (and DMD critic) attend:
+                                           # "bidirectional" (a clip teacher) | "block_causal"
+                                           # (a causal model as the real score, e.g. an action-
+                                           # sensitive causal init when the clip teacher is not)
     # students
     gen_every: int = 5                     # generator update every k critic updates (DMD)
     ema_decay: float = 0.99
@@ -163,6 +167,8 @@ class RunConfig:
             raise ConfigError("clean_p must lie in [0, 1] and start_chunks must be >= 0")
         if self.guidance_on not in ("text", "text+actions"):
             raise ConfigError("guidance_on must be 'text' or 'text+actions'")
+        if self.teacher_attn not in ("bidirectional", "block_causal"):
+            raise ConfigError("teacher_attn must be 'bidirectional' or 'block_causal'")
         if self.precision not in ("auto", "fp32", "bf16") or self.grad_checkpointing not in ("auto", "on", "off"):
             raise ConfigError("precision: auto|fp32|bf16; grad_checkpointing: auto|on|off")
         if self.progress not in ("bar", "none"):

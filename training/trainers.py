@@ -214,15 +214,19 @@ class LatentStage(Stage):
         a = act if (act is None or self.cfg.guidance_on == "text") else torch.zeros_like(act)
         return torch.zeros_like(text), a
 
-    def teacher_x0(self, teacher, x_t, t, text, act, guidance):
-        """Teacher x0 with CFG: cond + g (cond - uncond)."""
+    def teacher_x0(self, teacher, x_t, t, text, act, guidance, **attn):
+        """Teacher x0 with CFG: cond + g (cond - uncond). ``attn``: the teacher's mask arguments."""
         with self.autocast():
-            cond = L.x0_from_flow(x_t, teacher(x_t, t, text, action=act).float(), t)
+            cond = L.x0_from_flow(x_t, teacher(x_t, t, text, action=act, **attn).float(), t)
             if guidance == 0:
                 return cond
             ut, ua = self.uncond(text, act)
-            unc = L.x0_from_flow(x_t, teacher(x_t, t, ut, action=ua).float(), t)
+            unc = L.x0_from_flow(x_t, teacher(x_t, t, ut, action=ua, **attn).float(), t)
         return L.cfg_combine(cond, unc, guidance)
+
+    def score_kw(self):
+        """Mask arguments of the students' real score and DMD critic (``teacher_attn``)."""
+        return self.mask_kw() if self.cfg.teacher_attn == "block_causal" else {}
 
     def mask_kw(self):
         c = self.pcfg.cache
@@ -391,7 +395,7 @@ class OdeInitStage(StudentStage):
                 if a in self.timesteps:
                     keep.append(x.cpu())
                 t = torch.full((B, Fr), a, device=x.device)
-                x0 = self.teacher_x0(self.teacher, x, t, text, act, c.guidance)
+                x0 = self.teacher_x0(self.teacher, x, t, text, act, c.guidance, **self.score_kw())
                 x = L.euler_step(x, L.flow_from_x0(x, x0, t), t, torch.full((B, Fr), b, device=x.device))
             xs.append(torch.stack(keep, 1))                                 # [b, S, F, C, h, w]
             finals.append(x.cpu())
@@ -440,7 +444,7 @@ class ConsistencyStage(StudentStage):
         t_b = torch.tensor(steps, device=self.device)[(i + 1).to(self.device)]
         x_a = L.noise_latents(x0, self.randn(x0.shape, g), t_a)
         with torch.no_grad():
-            tx0 = self.teacher_x0(self.teacher, x_a, t_a, text, act, c.guidance)
+            tx0 = self.teacher_x0(self.teacher, x_a, t_a, text, act, c.guidance, **self.score_kw())
             x_b = L.euler_step(x_a, L.flow_from_x0(x_a, tx0, t_a), t_a, t_b)
             ema = _with_ema(m, self.ema)
             with self.autocast():
@@ -502,8 +506,9 @@ class DMDStage(StudentStage):
             with torch.no_grad():
                 x_t = L.noise_latents(x.detach(), self.randn(x.shape, g), t)
                 with self.autocast():
-                    fake = L.x0_from_flow(x_t, self.mods["critic"](x_t, t, text, action=act).float(), t)
-                real = self.teacher_x0(self.teacher, x_t, t, text, act, c.guidance)
+                    fake = L.x0_from_flow(x_t, self.mods["critic"](x_t, t, text, action=act,
+                                                                   **self.score_kw()).float(), t)
+                real = self.teacher_x0(self.teacher, x_t, t, text, act, c.guidance, **self.score_kw())
                 grad = L.dmd_gradient(x[:, P:].detach(), fake[:, P:], real[:, P:])
             loss = L.dmd_loss(x[:, P:], grad)
             out["dmd_loss"] = loss.item()
@@ -516,7 +521,7 @@ class DMDStage(StudentStage):
         t, w = L.apply_clean_chunks(t, start, self.k)
         eps = self.randn(x.shape, g)
         with self.autocast():
-            v = self.mods["critic"](L.noise_latents(x.detach(), eps, t), t, text, action=act)
+            v = self.mods["critic"](L.noise_latents(x.detach(), eps, t), t, text, action=act, **self.score_kw())
             closs = L.critic_loss(v, x.detach(), eps, weight=w)
         out["critic_loss"] = closs.item()
         out["critic_grad_norm"] = self.update("critic", closs, step, c.critic_optim)
