@@ -29,7 +29,6 @@ import torch
 from streamgen import Pipeline
 from streamgen.engine.sampling import add_noise, to_x0
 from streamgen.eval.continuation import WARMUP
-from streamgen.io.checkpoint import read_weights
 from streamgen.world.episodes import generate_clip, scene_for
 from streamgen.world.policies import run_policy
 from streamgen.world.render import World

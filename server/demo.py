@@ -10,11 +10,10 @@ the model under the same look, seed and actions; a readout shows fps, latency an
 Design (see ``DemoApp.build``):
 
 * **Start-up**: ``main`` serves the page first and loads the model behind it (Start waits).
-* **Display**: a plain ``gr.Image`` fed by a generator event handler, one nearest-upscaled PNG
-  per video frame (no ffmpeg, frame-accurate; ``gr.Video(streaming=True)`` needs ffmpeg and
-  adds at least an HLS segment of latency).
-* **Per tab**: a ``gr.State`` holds a :class:`TabState` (inputs, the running :class:`Stream`).
-  A stream's worker thread generates chunks ahead into a small queue, reading the tab's inputs at
+* **Display**: a ``gr.Image`` fed by a generator event handler, one upscaled PNG per frame (no
+  ffmpeg, frame-accurate; ``gr.Video(streaming=True)`` needs ffmpeg and adds an HLS segment).
+* **Per tab**: a ``gr.State`` holds a :class:`TabState` (inputs, the running :class:`Stream`,
+  which gets its settings and callbacks as a :class:`StreamSettings`). A stream's worker thread generates chunks ahead into a small queue, reading the tab's inputs at
   every chunk boundary; the event generator drains it paced to the model's fps.
 * **Freeing**: a closed tab fires ``demo.unload``; the state's ``delete_callback`` and an idle
   watchdog (no frames pulled for ``idle_timeout`` s) are the backstops.
@@ -33,7 +32,7 @@ import numpy as np
 from streamgen.cli import DEFAULT_PROMPT
 from streamgen.cli_args import OneLineParser, add_model_args
 
-from .demo_session import (DOWNLOADS, Stream, TabState, describe_config, look_prompt,  # noqa: F401
+from .demo_session import (DOWNLOADS, Stream, StreamSettings, TabState, describe_config, look_prompt,  # noqa: F401
                            upscale_factor)
 
 TURN_RATE = 0.5          # mouse dx/dy per chunk while an arrow key / turn button is held
@@ -72,11 +71,8 @@ class DemoApp:
         self.idle_timeout = float(idle_timeout)
         self.max_sessions = int(max_sessions)
         self.max_record_bytes = int(max_record_mb * 2**20)
-        self.notice = notice
-        self.card = card
-        self.default_prompt = default_prompt
-        d = self.info
-        space = d["action_space"]
+        self.notice, self.card, self.default_prompt = notice, card, default_prompt
+        d, space = self.info, self.info["action_space"]
         self.has_actions = bool(space["keys"]) or bool(space["mouse"])
         # the built-in world can render this model's ground truth (square world-sized frames)
         self.world_model = self.has_actions and d["height"] == d["width"] and set(space["keys"]) <= set(KEY_BUTTONS)
@@ -187,7 +183,7 @@ class DemoApp:
             tab.pending_prompt = None
             tab.pulses = []
         try:
-            stream = Stream(self, tab, prompt, seed, start=start)
+            stream = Stream(self.stream_settings(), tab, prompt, seed, start=start)
         except Exception as e:       # bad prompt etc.
             raise user_error(str(e)) from None
         tab.stream = tab.last_stream = stream
@@ -302,6 +298,10 @@ class DemoApp:
             tab = self.tabs.pop(sh, None)
         if tab is not None:
             tab.close()
+
+    def stream_settings(self) -> StreamSettings:
+        return StreamSettings(self.pipe, self.pipe_lock, self.info, self.world_model, self.has_actions,
+                              self.idle_timeout, self.max_record_bytes, self.forget_tab)
 
     def forget_tab(self, session_hash: str | None, stream: "Stream"):
         """Drop a tab whose stream was released by the idle watchdog (its page went away)."""

@@ -15,12 +15,11 @@ import queue
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .demo import DemoApp
 
 DRAG_GAIN = 2.0          # dragging across the full video width = mouse 2.0 (clamped to the range)
 START_SOURCES = {"world": "world renderer", "noise": "noise"}
@@ -58,16 +57,31 @@ def upscale(frames: np.ndarray, k: int, how: str = "nearest") -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((w * k, h * k), Image.LANCZOS)) for f in frames])
 
 
+@dataclass(frozen=True)
+class StreamSettings:
+    """What a stream needs of the demo: the shared model (one chunk at a time under
+    ``pipe_lock``), its description, limits, and whom to tell when an idle stream lets go."""
+
+    pipe: Any
+    pipe_lock: Any                       # threading.Lock
+    info: dict
+    world_model: bool
+    has_actions: bool
+    idle_timeout: float
+    max_record_bytes: int
+    on_idle_release: Callable[[Any, "Stream"], None]   # (tab session hash, stream)
+
+
 class Stream:
     """One running stream: an engine session, a generating worker thread and a frame queue."""
 
-    def __init__(self, app: "DemoApp", tab: "TabState", prompt: str, seed: int, start: str = "noise"):
+    def __init__(self, settings: StreamSettings, tab: "TabState", prompt: str, seed: int, start: str = "noise"):
         from streamgen.cli import start_chunk_frames
         from streamgen.codecs.text import check_prompt
         if start not in START_SOURCES:
             raise ValueError(f"start must be one of {', '.join(START_SOURCES)}, got {start!r}")
-        self.app, self.tab = app, weakref.proxy(tab)
-        self.pipe = pipe = app.pipe
+        self.settings, self.tab = settings, weakref.proxy(tab)
+        self.pipe = pipe = settings.pipe
         c = pipe.config
         self.seed = int(seed)
         prompt = check_prompt(prompt, c.max_prompt_chars)          # raises on a bad prompt
@@ -75,16 +89,16 @@ class Stream:
         self.start_source = START_SOURCES[start]
         self.opening: np.ndarray | None = None
         self.world = None                                           # the ground truth (world models)
-        if app.world_model:
+        if settings.world_model:
             from streamgen.world.episodes import WorldSession, opening_frames
             if start == "world":
                 self.opening, self.world = opening_frames(prompt, self.seed, start_chunk_frames(pipe), c.height)
             else:
                 self.world = WorldSession(prompt, self.seed, size=c.height, chunk=1, pose="view")
-        with app.pipe_lock:                                         # opening frames run the model
+        with settings.pipe_lock:                                         # opening frames run the model
             self.session = pipe.session(prompt, seed=self.seed, start=self.opening)
         self.prompt = self.session.prompt
-        d = app.info
+        d = settings.info
         self.fps = float(d["fps"])
         self.chunk_frames = int(d["chunk_frames"])
         self.n_open = 0 if self.opening is None else len(self.opening)
@@ -134,7 +148,7 @@ class Stream:
                     self.q.put(item, timeout=0.1)
                     break
                 except queue.Full:
-                    if time.monotonic() - self.last_pull > self.app.idle_timeout:
+                    if time.monotonic() - self.last_pull > self.settings.idle_timeout:
                         self.idle_released = True
                         self.stop_evt.set()     # nobody is watching: free the session
             if self.stop_evt.is_set():
@@ -151,7 +165,7 @@ class Stream:
             while not self.stop_evt.is_set():
                 action, prompt = self.tab.next_inputs()
                 if prompt is not None and prompt != self.session.prompt:
-                    with self.app.pipe_lock:
+                    with self.settings.pipe_lock:
                         self.session.set_prompt(prompt)
                     if self.world is not None:
                         self.world.set_prompt(prompt)
@@ -160,8 +174,8 @@ class Stream:
                         self.switches += 1
                         self.switched_at = self.n_open + self.frames_generated
                 t0 = time.perf_counter()
-                with self.app.pipe_lock:
-                    frames = self.session.step(action if self.app.has_actions else None)
+                with self.settings.pipe_lock:
+                    frames = self.session.step(action if self.settings.has_actions else None)
                 dt = time.perf_counter() - t0
                 if self.stop_evt.is_set():      # stopped meanwhile: the chunk is neither shown nor recorded
                     break
@@ -191,12 +205,12 @@ class Stream:
             self.session.close()
             self.done.set()
             if self.idle_released:  # the tab is gone without an unload: drop it from the registry
-                self.app.forget_tab(self.tab_hash, self)
+                self.settings.on_idle_release(self.tab_hash, self)
 
     def _record(self, frames: np.ndarray):
         self.recorded.append(frames)
         self.recorded_bytes += frames.nbytes
-        while self.recorded_bytes > self.app.max_record_bytes and len(self.recorded) > 1:
+        while self.recorded_bytes > self.settings.max_record_bytes and len(self.recorded) > 1:
             old = self.recorded.popleft()
             self.recorded_bytes -= old.nbytes
             self.dropped_from_recording += len(old)

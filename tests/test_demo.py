@@ -179,7 +179,7 @@ def test_idle_stream_is_freed(server):
         app.tabs[tab.session_hash] = tab
     old, app.idle_timeout = app.idle_timeout, 0.5
     try:
-        s = demo_mod.Stream(app, tab, "a dungeon", 0)
+        s = demo_mod.Stream(app.stream_settings(), tab, "a dungeon", 0)
         tab.stream = s
         assert wait_for(s.done.is_set, 15) and s.session.cache is None
         assert s.frames_generated > 0 and s.idle_released
