@@ -260,3 +260,27 @@ def test_dmd_real_score_and_critic_attend_as_teacher_attn_says(tmp_path, teacher
     assert {n for n, _ in seen} == {"teacher", "critic"} and {m for _, m in seen} == {teacher_attn}
     with pytest.raises(ConfigError, match="teacher_attn"):
         run_config_from_dict({"stage": "dmd", "teacher": "x", "teacher_attn": "causal"})
+
+
+def test_autoencoder_decoder_only_keeps_encoder_and_latent_stats(tmp_path):
+    """ae_train: decoder fine-tunes the init's decoder; its encoder and normalisation (which
+    the DiTs were trained on) come out bit for bit the same."""
+    _fixture_releases(tmp_path)
+    init, _ = read_weights(str(tmp_path / "ae.safetensors"))
+    init["latent_mean"].fill_(0.25)
+    save_release(str(tmp_path / "ae.safetensors"), init)
+    cfg = _cfg(tmp_path, stage="autoencoder", out=str(tmp_path / "dec"), steps=3, ae_train="decoder",
+               ae_edge_loss=1.0, init=str(tmp_path / "ae.safetensors"))
+    r = _train(cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out, _ = read_weights(str(tmp_path / "dec" / "release.safetensors"))
+    assert set(out) == set(init)
+    for k in init:
+        if k.startswith("decoder."):
+            assert not torch.equal(out[k], init[k]), f"{k} did not train"
+        else:
+            assert torch.equal(out[k], init[k]), f"{k} changed"
+    with pytest.raises(ConfigError, match="init"):
+        run_config_from_dict({"stage": "autoencoder", "ae_train": "decoder"})
+    with pytest.raises(ConfigError, match="ae_train"):
+        run_config_from_dict({"stage": "autoencoder", "ae_train": "encoder"})

@@ -136,3 +136,11 @@ def test_sample_timesteps_high_noise_share():
     assert float(t.max()) <= 1000
     with pytest.raises(ValueError):
         L.sample_timesteps(2, 3, high_p=0.5, high_min=990.0, t_max=980.0)
+
+
+def test_edge_l1_hand_case():
+    p = torch.zeros(1, 2, 2)
+    t = torch.tensor([[[0.0, 2.0], [0.0, 2.0]]])    # x-diffs 2, 2; y-diffs 0, 0
+    assert float(L.edge_l1(p, t)) == pytest.approx(0.5 * (2.0 + 0.0))
+    # a constant offset has no edges: the loss ignores it (L1 does not)
+    assert float(L.edge_l1(t + 3.0, t)) == 0.0

@@ -122,6 +122,10 @@ class RunConfig:
     # autoencoder
     ae_width: int = 32
     ae_latent_noise: float = 0.1           # decoder trained on latents + this * N(0, std)
+    ae_train: str = "all"                  # "all" (encoder + decoder) | "decoder" (from `init`:
+                                           # encoder and latent normalisation frozen, so DiTs
+                                           # trained on its latents stay valid)
+    ae_edge_loss: float = 0.0              # weight of the image-gradient L1 (sharper edges)
     # infrastructure
     ckpt_every: int = 100
     ckpt_minutes: float = 3.0
@@ -171,6 +175,12 @@ class RunConfig:
             raise ConfigError("teacher_attn must be 'bidirectional' or 'block_causal'")
         if self.precision not in ("auto", "fp32", "bf16") or self.grad_checkpointing not in ("auto", "on", "off"):
             raise ConfigError("precision: auto|fp32|bf16; grad_checkpointing: auto|on|off")
+        if self.ae_train not in ("all", "decoder"):
+            raise ConfigError("ae_train must be 'all' or 'decoder'")
+        if self.ae_train == "decoder" and not self.init:
+            raise ConfigError("ae_train: decoder fine-tunes an existing autoencoder: set init to its release file")
+        if self.ae_edge_loss < 0:
+            raise ConfigError("ae_edge_loss must be >= 0")
         if self.progress not in ("bar", "none"):
             raise ConfigError("progress must be 'bar' or 'none'")
         if not 0 <= self.text_dropout <= 1 or not 0 <= self.action_dropout <= 1:

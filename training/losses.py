@@ -105,6 +105,15 @@ def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor
     return err.mean()
 
 
+def edge_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between the horizontal and vertical pixel differences of two [..., H, W] images
+    (a gradient-difference loss: blur that plain L1/MSE tolerates costs here)."""
+    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]
+    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]
+    p, t = pred.float(), target.float()
+    return 0.5 * ((dx(p) - dx(t)).abs().mean() + (dy(p) - dy(t)).abs().mean())
+
+
 def cfg_dropout(text: torch.Tensor, p: float, generator: torch.Generator | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each sample's conditioning by zeros with probability p (the "uncond" embedding).

@@ -136,31 +136,47 @@ class Stage:
 
 # ------------------------------------------------------------------ autoencoder
 class AutoencoderStage(Stage):
+    """The tiny-ae: L1 + MSE (+ ``ae_edge_loss`` x image-gradient L1) on latents with a little
+    noise. ``ae_train: decoder`` fine-tunes only the decoder of the ``init`` release."""
+
     def __init__(self, cfg, dist):
         super().__init__(cfg, dist)
         torch.manual_seed(cfg.seed)
         self.data = load_frames(cfg.data)
         self.n = self.data["frames"].shape[0] - HELD_OUT
-        ae = TinyAutoencoder(self.pcfg.model.in_channels, cfg.ae_width)
+        if cfg.init:
+            sd, _ = read_weights(cfg.init)
+            ae = TinyAutoencoder.from_state(sd, self.pcfg.model.in_channels)
+        else:
+            ae = TinyAutoencoder(self.pcfg.model.in_channels, cfg.ae_width)
+        if cfg.ae_train == "decoder":
+            ae.encoder.requires_grad_(False)
         self.mods["ae"] = dist.prepare(ae)
-        self.opts["ae"] = adamw(self.mods["ae"].parameters(), cfg.optim)
+        self.opts["ae"] = adamw([p for p in self.mods["ae"].parameters() if p.requires_grad], cfg.optim)
 
     def step(self, step):
-        ae, g = self.mods["ae"], self.gen(step)
-        idx = batch_indices(self.n, self.cfg.batch_size, step, self.cfg.seed, self.dist.rank)
+        ae, g, c = self.mods["ae"], self.gen(step), self.cfg
+        idx = batch_indices(self.n, c.batch_size, step, c.seed, self.dist.rank)
         video = to_video(self.data["frames"][idx]).to(self.device)                 # [B, T, 3, H, W]
         with self.autocast():
-            z = ae.encode_raw(video)
-            zn = z + self.cfg.ae_latent_noise * z.detach().std() * self.randn(z.shape, g)
+            if c.ae_train == "decoder":
+                with torch.no_grad():
+                    z = ae.encode_raw(video)
+            else:
+                z = ae.encode_raw(video)
+            zn = z + c.ae_latent_noise * z.detach().std() * self.randn(z.shape, g)
             rec = ae.decode_raw(zn)
             l1 = (rec.float() - video).abs().mean()
             mse = (rec.float() - video).pow(2).mean()
-            loss = l1 + mse + 1e-4 * z.float().pow(2).mean()
-        gn = self.update("ae", loss, step, self.cfg.optim)
-        return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "grad_norm": gn}
+            edge = L.edge_l1(rec, video)
+            loss = l1 + mse + c.ae_edge_loss * edge + 1e-4 * z.float().pow(2).mean()
+        gn = self.update("ae", loss, step, c.optim)
+        return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "edge": edge.item(), "grad_norm": gn}
 
     @torch.no_grad()
     def finalize(self):
+        if self.cfg.ae_train == "decoder":          # the encoder and its normalisation are the init's
+            return
         ae = self.mods["ae"]
         ae.set_latent_stats(to_video(self.data["frames"][: min(128, self.n)]).to(self.device))
 
