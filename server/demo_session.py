@@ -139,6 +139,14 @@ class Stream:
         return {"keys": [k for k in action["keys"] if k in ACTION_SPACE.keys],
                 "mouse": [max(-r, min(r, float(m))) for m in action["mouse"]]}
 
+    def _check_idle(self) -> bool:
+        """Nobody pulled frames for ``idle_timeout`` s (the page went away without an unload):
+        stop and free the session. True when it did."""
+        if time.monotonic() - self.last_pull > self.settings.idle_timeout:
+            self.idle_released = True
+            self.stop_evt.set()
+        return self.idle_released
+
     def _emit(self, frames: np.ndarray, truth: np.ndarray | None, first_index: int) -> bool:
         """Queue one chunk's frames (with their ground truth); False when the stream stopped."""
         for i, f in enumerate(frames):
@@ -148,9 +156,7 @@ class Stream:
                     self.q.put(item, timeout=0.1)
                     break
                 except queue.Full:
-                    if time.monotonic() - self.last_pull > self.settings.idle_timeout:
-                        self.idle_released = True
-                        self.stop_evt.set()     # nobody is watching: free the session
+                    self._check_idle()
             if self.stop_evt.is_set():
                 return False
         return True
@@ -163,6 +169,8 @@ class Stream:
                 if not self._emit(self.opening, self.opening, 0):
                     return
             while not self.stop_evt.is_set():
+                if self._check_idle():      # also when generation is slower than the queue fills
+                    break
                 action, prompt = self.tab.next_inputs()
                 if prompt is not None and prompt != self.session.prompt:
                     with self.settings.pipe_lock:
