@@ -31,7 +31,9 @@ def export(run: str, student: str = "dmd", dest: str = DEST, gif: str = "sample.
     with open(os.path.join(dest, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     save_release(os.path.join(dest, "model.safetensors"), sd, cfg)
-    ae = os.path.join(run, "autoencoder", "release.safetensors")
+    ae = os.path.join(run, "decoder", "release.safetensors")       # stage 8: the fine-tuned decoder
+    if not os.path.exists(ae):
+        ae = os.path.join(run, "autoencoder", "release.safetensors")
     if not os.path.exists(ae):                 # recipes that distil from the shipped teacher use its autoencoder
         ae = os.path.join(DEST, "autoencoder.safetensors")
     shutil.copyfile(ae, os.path.join(dest, "autoencoder.safetensors.tmp"))
