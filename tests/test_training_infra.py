@@ -163,9 +163,11 @@ def test_smoke_every_stage(tmp_path):
     assert any(n.endswith(".mp4") for n in os.listdir(tmp_path / "dmd" / "samples"))
     # the release export: config.json + model + autoencoder, loadable and streamable
     from streamgen.training.export import export, load_release
-    info = export(str(tmp_path), "dmd", dest=str(tmp_path / "release"), gif="sample.gif", gif_seconds=0.5)
+    info = export(str(tmp_path), "dmd", dest=str(tmp_path / "release"), gif="sample.gif", gif_seconds=0.5,
+                  shift=2.0)
     assert all(s < 16 * 2 ** 20 for s in info["sizes"].values())
     pipe = load_release(str(tmp_path / "release"))
+    assert pipe.config.sampler.shift == 2.0              # --shift reaches the release's config
     frames = pipe.session("a brick dungeon", seed=0).step({"keys": ["W"]})
     assert frames.shape == (3, 64, 64, 3) and (tmp_path / "release" / "sample.gif").exists()
 

@@ -1,4 +1,4 @@
-"""python -m streamgen.training.export --run runs/default [--student dmd] [--teacher teacher] [--dest streamgen/assets/default]
+"""python -m streamgen.training.export --run runs/default [--student dmd] [--teacher teacher] [--shift S] [--dest streamgen/assets/default]
 
 Writes the shipped release: ``config.json`` (the PipelineConfig), ``model.safetensors`` (the
 student's EMA weights, Wan key names, config in metadata), ``teacher.safetensors`` (the
@@ -24,10 +24,14 @@ LIMIT = 16 * 2 ** 20
 
 
 def export(run: str, student: str = "dmd", dest: str = DEST, gif: str = "sample.gif", gif_seconds: float = 8.0,
-           teacher: str = "teacher") -> dict:
+           teacher: str = "teacher", shift: float | None = None) -> dict:
     os.makedirs(dest, exist_ok=True)
     sd, meta = read_weights(os.path.join(run, student, "release.safetensors"))
     cfg = config_from_metadata(meta)
+    if shift is not None:                      # the release's sampler shift (a measured choice)
+        if not shift > 0:
+            raise SystemExit(f"--shift must be > 0, got {shift}")
+        cfg["sampler"]["shift"] = float(shift)
     with open(os.path.join(dest, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     save_release(os.path.join(dest, "model.safetensors"), sd, cfg)
@@ -100,9 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--student", default="dmd", help="which student stage to ship (dmd | ode_init | consistency ...)")
     p.add_argument("--teacher", default="teacher", help="teacher stage to ship as teacher.safetensors ('' for none)")
     p.add_argument("--dest", default=DEST)
+    p.add_argument("--shift", type=float, default=None,
+                   help="sampler timestep shift written into the release (default: the student's; release 5 uses 1)")
     p.add_argument("--gif", default="sample.gif", help="sample file name in dest ('' for none)")
     a = p.parse_args(argv)
-    print(json.dumps(export(a.run, a.student, a.dest, a.gif, teacher=a.teacher)))
+    print(json.dumps(export(a.run, a.student, a.dest, a.gif, teacher=a.teacher, shift=a.shift)))
     return 0
 
 
