@@ -159,10 +159,7 @@ class AutoencoderStage(Stage):
         idx = batch_indices(self.n, c.batch_size, step, c.seed, self.dist.rank)
         video = to_video(self.data["frames"][idx]).to(self.device)                 # [B, T, 3, H, W]
         with self.autocast():
-            if c.ae_train == "decoder":
-                with torch.no_grad():
-                    z = ae.encode_raw(video)
-            else:
+            with torch.set_grad_enabled(c.ae_train == "all"):          # a frozen encoder keeps no graph
                 z = ae.encode_raw(video)
             zn = z + c.ae_latent_noise * z.detach().std() * self.randn(z.shape, g)
             rec = ae.decode_raw(zn)
