@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from streamgen.errors import StreamgenError
-from streamgen.engine.pipeline import check_start_frames, recache
+from streamgen.engine.pipeline import check_start_frames, kept_latents, recache
 from streamgen.engine.chunk_step import generate_chunk
 
 from .control import EncodeCache, JoinPrep, Prep, StepModel, calibrate
@@ -449,6 +449,7 @@ class Batcher:
                 view.begin_chunk(k)
                 t = torch.full((1, k), c.sampler.context_noise, device=p.device, dtype=torch.float32)
                 p.model(job.z[:, s:s + k], t, cache=view, action=a)
+                view.end_chunk(job.z[:, s:s + k])
                 if keep:
                     for j in range(k):
                         slot.latents[start + j] = (job.z[:, s + j], None if a is None else a[:, j])
@@ -464,6 +465,8 @@ class Batcher:
             c.k[:, r].copy_(c.k[:, last])
             c.v[:, r].copy_(c.v[:, last])
             c.key_valid[r].copy_(c.key_valid[last])
+            if c.last_frame is not None:
+                c.last_frame[r].copy_(c.last_frame[last])
             c.slot_frame[r] = list(c.slot_frame[last])
             c.next_frame[r] = c.next_frame[last]
             for K, V in self.cross:
@@ -574,8 +577,7 @@ class Batcher:
             for i, s in enumerate(rows):
                 for j in range(k):
                     s.latents[starts[i] + j] = (x0[i:i + 1, j], None if act is None else act[i:i + 1, j])
-                keep = set(self.cache.cached_frames(i))
-                s.latents = {f: v for f, v in s.latents.items() if f in keep}
+                s.latents = kept_latents(s.latents, self.cache.cached_frames(i), c.model.frame_cond)
         states = None if self._stateless_vae else [s.vae_state for s in rows]
         u8 = self._decode(x0, states)
         if states is not None:

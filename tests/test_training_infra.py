@@ -144,7 +144,8 @@ def test_two_rank_gloo_identical_weights(tmp_path):
 
 
 def test_smoke_every_stage(tmp_path):
-    """CI smoke: autoencoder -> teacher -> ode_init -> consistency -> dmd -> TF -> DF, a few steps each."""
+    """CI smoke: autoencoder -> teacher -> ode_init -> consistency -> dmd -> TF -> DF -> causal init
+    with its own context (a frame_cond model), a few steps each."""
     root = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "smoke")
     for name in sorted(os.listdir(root)):
         cfg = yaml.safe_load(open(os.path.join(root, name)))
@@ -156,7 +157,7 @@ def test_smoke_every_stage(tmp_path):
     r = _train(str(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("autoencoder", "teacher", "ode_init", "consistency", "dmd", "teacher_forcing",
-                  "diffusion_forcing"):
+                  "diffusion_forcing", "causal_self"):
         assert (tmp_path / stage / "release.safetensors").exists(), stage
         assert (tmp_path / stage / "metrics.jsonl").exists(), stage
     assert (tmp_path / "dmd" / "loss.png").exists()
@@ -286,3 +287,16 @@ def test_autoencoder_decoder_only_keeps_encoder_and_latent_stats(tmp_path):
         run_config_from_dict({"stage": "autoencoder", "ae_train": "decoder"})
     with pytest.raises(ConfigError, match="ae_train"):
         run_config_from_dict({"stage": "autoencoder", "ae_train": "encoder"})
+
+
+def test_adamw_lr_mult_groups_by_prefix_and_update_scales_them():
+    import pytest as _pytest
+    from streamgen.errors import ConfigError
+    from streamgen.training.config import OptimConfig
+    from streamgen.training.trainers import adamw
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    opt = adamw(m, OptimConfig(lr=1e-3, lr_mult={"1.": 10}))
+    mults = sorted((g["lr_mult"], len(g["params"])) for g in opt.param_groups)
+    assert mults == [(1.0, 2), (10.0, 2)]                      # "1." = the second layer's weight + bias
+    with _pytest.raises(ConfigError, match="lr_mult"):
+        OptimConfig(lr_mult={"x": 0}).validate()

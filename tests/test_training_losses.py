@@ -144,3 +144,11 @@ def test_edge_l1_hand_case():
     assert float(L.edge_l1(p, t)) == pytest.approx(0.5 * (2.0 + 0.0))
     # a constant offset has no edges: the loss ignores it (L1 does not)
     assert float(L.edge_l1(t + 3.0, t)) == 0.0
+
+
+def test_mix_context_takes_own_latents_on_clean_chunks_only():
+    from streamgen.training.losses import mix_context
+    noisy, own = torch.zeros(2, 6, 1, 1, 1), torch.ones(2, 6, 1, 1, 1)
+    clean = torch.tensor([[True, False], [False, True]])
+    got = mix_context(noisy, own, clean, 3)[:, :, 0, 0, 0]
+    assert got.tolist() == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]

@@ -67,6 +67,9 @@ class OptimConfig:
     warmup: int = 0
     schedule: str = "constant"     # "constant" | "cosine" (to min_lr_ratio * lr at the last step)
     min_lr_ratio: float = 0.1
+    # per-parameter lr multipliers by name prefix, e.g. {frame_cond_embedding: 10}: a module that
+    # starts at zero inside a trained model learns at the pace of the rest only with a larger lr
+    lr_mult: dict = field(default_factory=dict)
 
     def validate(self):
         if self.lr <= 0 or len(self.betas) != 2 or self.grad_clip <= 0 or self.warmup < 0:
@@ -75,6 +78,9 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not isinstance(self.lr_mult, dict) or any(not isinstance(k, str) or not isinstance(v, (int, float))
+                                                     or v <= 0 for k, v in self.lr_mult.items()):
+            raise ConfigError(f"optim.lr_mult must map parameter-name prefixes to numbers > 0, got {self.lr_mult!r}")
 
 
 @dataclass
@@ -119,6 +125,13 @@ class RunConfig:
                                            # "none" | "prefix" (first L chunks) | "bernoulli" (each chunk)
     clean_p: float = 0.5                   # prefix: P(L >= 1), L uniform in 1..n-1; bernoulli: P(clean)
     start_chunks: int = 0                  # DMD family: rollouts open with this many real chunks
+    context_source: str = "data"           # causal_init: what the clean context chunks hold: "data"
+                                           # (teacher forcing) | "self" (the student's own rollout from
+                                           # max(start_chunks, 1) real chunks, as at inference; targets
+                                           # stay data: flow matching against the true future)
+    frame_cond_noise: float = 0.0          # frame_cond models: the previous frame they see is
+                                           # x + s * N(0, 1), s ~ U(0, this) per clip (GameNGen's
+                                           # noise augmentation: robust to its own blurred frames)
     # autoencoder
     ae_width: int = 32
     ae_latent_noise: float = 0.1           # decoder trained on latents + this * N(0, std)
@@ -169,6 +182,10 @@ class RunConfig:
             raise ConfigError("clean_chunks must be 'none', 'prefix' or 'bernoulli'")
         if not 0 <= self.clean_p <= 1 or self.start_chunks < 0:
             raise ConfigError("clean_p must lie in [0, 1] and start_chunks must be >= 0")
+        if self.context_source not in ("data", "self"):
+            raise ConfigError(f"context_source must be 'data' or 'self', got {self.context_source!r}")
+        if self.frame_cond_noise < 0:
+            raise ConfigError("frame_cond_noise must be >= 0")
         if self.guidance_on not in ("text", "text+actions"):
             raise ConfigError("guidance_on must be 'text' or 'text+actions'")
         if self.teacher_attn not in ("bidirectional", "block_causal"):

@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..engine.sampling import add_noise, shift_sigma, to_x0
+from ..models.model import previous_chunk_last
 
 
 # ------------------------------------------------------------------ timesteps
@@ -75,6 +76,15 @@ def apply_clean_chunks(t: torch.Tensor, clean: torch.Tensor, chunk_frames: int) 
     return t, w / w.mean().clamp_min(1e-8) * (w.sum() > 0)
 
 
+def mix_context(noisy: torch.Tensor, own: torch.Tensor, clean: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """Own-context training input: the clean chunks (clean [B, n_chunks] True) come from ``own``
+    (the model's own rollout, as at inference), the others from ``noisy`` (noised data).
+
+    noisy, own [B, F, C, H, W] -> [B, F, C, H, W]."""
+    cf = clean.to(noisy.device).repeat_interleave(chunk_frames, 1)[:, :noisy.shape[1]]  # [B, F]
+    return torch.where(cf[:, :, None, None, None], own.to(noisy.dtype), noisy)
+
+
 def sigma_of(t: torch.Tensor) -> torch.Tensor:
     """[B, F] timesteps -> sigmas broadcastable to latents [B, F, 1, 1, 1]."""
     return (t / 1000.0)[:, :, None, None, None]
@@ -124,6 +134,20 @@ def cfg_dropout(text: torch.Tensor, p: float, generator: torch.Generator | None 
         mask = torch.rand(text.shape[0], generator=generator) >= p
     keep = mask.to(text.device)
     return text * keep.view(-1, *([1] * (text.dim() - 1))).to(text.dtype), keep
+
+
+def frame_cond_input(x0: torch.Tensor, chunk_frames: int, noise_max: float, eps: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """What a ``frame_cond="last"`` model sees besides its noisy chunk: the previous chunk's last
+    clean frame (zeros in the first chunk) plus s * eps, s ~ U(0, noise_max) per clip.
+
+    x0, eps [B, F, C, H, W] -> [B, F, C, H, W]."""
+    cond = previous_chunk_last(x0, chunk_frames)
+    if noise_max <= 0:
+        return cond
+    s = torch.rand(x0.shape[0], generator=generator).to(x0.device) * noise_max            # [B]
+    has = (cond != 0).flatten(2).any(-1)[:, :, None, None, None]                         # [B, F, 1, 1, 1]
+    return cond + has * s.view(-1, 1, 1, 1, 1) * eps
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:

@@ -29,6 +29,8 @@ def _fresh_statics(cache: StreamCache):
     """Give the cache new per-chunk index tensors; the old ones stay saved in the autograd graph."""
     for name in STATIC:
         setattr(cache, name, getattr(cache, name).clone())
+    if cache.last_frame is not None:          # frame_cond models: read by the graph, rewritten next
+        cache.last_frame = cache.last_frame.clone()
 
 
 def rollout(model, cache: StreamCache, timesteps: list[float], noise: torch.Tensor,
@@ -53,6 +55,7 @@ def rollout(model, cache: StreamCache, timesteps: list[float], noise: torch.Tens
         if s < start_frames:
             with torch.no_grad():
                 model(gt[:, s:s + k], torch.zeros(B, k, device=x.device), cache=cache, action=a)
+                cache.end_chunk(gt[:, s:s + k])
             out.append(gt[:, s:s + k])
             continue
         tt = lambda t: torch.full((B, k), float(t), device=x.device, dtype=torch.float32)  # noqa: E731
@@ -72,18 +75,22 @@ def rollout(model, cache: StreamCache, timesteps: list[float], noise: torch.Tens
         with torch.no_grad():
             if context == "self":
                 ctx, t_ctx = context_input(x0.detach(), context_noise, draw), tt(context_noise)
+                done = x0.detach()
             elif context == "clean":
                 ctx, t_ctx = gt[:, s:s + k], tt(0.0)
+                done = ctx
             elif context == "noisy":
                 t_ctx = context_t[:, ci:ci + 1].expand(B, k).float()
                 sig = (t_ctx / 1000.0)[:, :, None, None, None]                  # [B, k, 1, 1, 1]
                 ctx = add_noise(gt[:, s:s + k], draw(x.shape), sig).to(x.dtype)
+                done = gt[:, s:s + k]
             else:
                 raise ValueError(f"context must be 'self', 'clean' or 'noisy', got {context!r}")
             model(ctx, t_ctx, cache=cache, action=a)
+            cache.end_chunk(done)       # the next chunk's frame conditioning (frame_cond models)
     return torch.cat(out, dim=1)
 
 
 def new_cache(pcfg, batch: int, device="cpu", dtype=torch.float32) -> StreamCache:
     return StreamCache(pcfg.model, pcfg.cache, batch, pcfg.tokens_per_frame, pcfg.sampler.chunk_frames,
-                       device=device, dtype=dtype)
+                       device=device, dtype=dtype, latent_hw=(pcfg.latent_height, pcfg.latent_width))

@@ -22,6 +22,7 @@ from ..config import to_dict
 from ..models.model import WanDiT
 from ..engine.sampling import FewStepSampler
 from ..engine.chunk_step import rollout as inference_rollout
+from ..errors import ConfigError
 from . import losses as L
 from .config import RunConfig
 from .data import batch_indices, load_frames, load_latents, step_seed, to_video
@@ -38,7 +39,9 @@ def load_dit(pcfg, path: str | None, dist: Dist) -> WanDiT:
     if path:
         sd, _ = read_weights(path)
         # a "time+blocks" model may start from a "time" checkpoint: its action MLPs start at zero
-        check_and_load(m, unwrap_state_dict(sd), source=path, fresh=("action_mlp", "action_features"))
+        # (and a frame_cond model from a plain one: its frame embedding starts at zero)
+        check_and_load(m, unwrap_state_dict(sd), source=path, fresh=("action_mlp", "action_features",
+                                                                              "frame_cond_embedding"))
     return m.to(dist.device)
 
 
@@ -48,7 +51,16 @@ def load_autoencoder(path: str, latent_channels: int, device) -> TinyAutoencoder
 
 
 def adamw(params, oc) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+    """AdamW over a module's trainable parameters (or a list of them); ``oc.lr_mult`` puts the
+    parameters whose names start with a prefix in their own group with that lr multiplier."""
+    named = ([(n, p) for n, p in params.named_parameters() if p.requires_grad]
+             if isinstance(params, torch.nn.Module) else [("", p) for p in params])
+    groups: dict[float, list] = {}
+    for n, p in named:
+        mult = next((float(v) for k, v in oc.lr_mult.items() if n.startswith(k)), 1.0)
+        groups.setdefault(mult, []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr_mult": mult} for mult, ps in groups.items()],
+                             lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
 
 
 def frozen(m: torch.nn.Module) -> torch.nn.Module:
@@ -94,7 +106,7 @@ class Stage:
         gn = torch.nn.utils.clip_grad_norm_(m.parameters(), oc.grad_clip)
         lr = L.lr_at(step, self.cfg.steps, oc.lr, oc.warmup, oc.schedule, oc.min_lr_ratio)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         opt.step()
         return float(gn)
 
@@ -222,6 +234,15 @@ class LatentStage(Stage):
         act = d["actions"][idx].to(self.device) if self.pcfg.model.actions.enabled else None
         return x0, d["text"][idx].to(self.device), act
 
+    def frame_cond(self, x0, g=None, noise: bool = False) -> dict:
+        """The ``frame_cond=`` argument of full forwards for frame_cond models ({} otherwise):
+        each chunk sees the previous chunk's last frame of x0 (noise-augmented in training)."""
+        if self.pcfg.model.frame_cond == "none":
+            return {}
+        amount = self.cfg.frame_cond_noise if noise else 0.0
+        eps = self.randn(x0.shape, g) if amount > 0 else None
+        return {"frame_cond": L.frame_cond_input(x0, self.k, amount, eps, g).to(x0.dtype)}
+
     def uncond(self, text, act):
         """What "uncond" drops for guidance: text (and actions)."""
         a = act if (act is None or self.cfg.guidance_on == "text") else torch.zeros_like(act)
@@ -247,14 +268,15 @@ class LatentStage(Stage):
                     window_frames=c.window_frames)
 
     @torch.no_grad()
-    def teacher_sample(self, teacher, noise, text, act, steps: int, guidance: float):
-        """Many-step Euler sampling of the bidirectional teacher (with CFG)."""
+    def teacher_sample(self, teacher, noise, text, act, steps: int, guidance: float, **fc):
+        """Many-step Euler sampling of the bidirectional teacher (with CFG); ``fc``: its
+        ``frame_cond=`` (frame_cond models)."""
         ts = L.ode_timesteps(steps, self.cfg.shift)
         x = noise
         B, Fr = x.shape[:2]
         for a, b in zip(ts[:-1], ts[1:]):
             t = torch.full((B, Fr), a, device=x.device)
-            x0 = self.teacher_x0(teacher, x, t, text, act, guidance)
+            x0 = self.teacher_x0(teacher, x, t, text, act, guidance, **fc)
             v = L.flow_from_x0(x, x0, t)
             x = L.euler_step(x, v, t, torch.full((B, Fr), b, device=x.device))
         return x
@@ -291,7 +313,7 @@ class TeacherStage(LatentStage):
         if self.ckpt_act:
             enable_grad_checkpointing(m)
         self.mods["dit"] = dist.prepare(m)
-        self.opts["dit"] = adamw(m.parameters(), cfg.optim)
+        self.opts["dit"] = adamw(m, cfg.optim)
         self.init_ema(m)
 
     mask = "bidirectional"
@@ -306,12 +328,17 @@ class TeacherStage(LatentStage):
         clean = L.clean_chunk_mask(B, -(-Fr // self.k), c.clean_chunks, c.clean_p, g)
         t, w = L.apply_clean_chunks(t, clean, self.k)
         eps = self.randn(x0.shape, g)
+        text_in, act_in = text, act
         text, _ = L.cfg_dropout(text, c.text_dropout, g)
         if act is not None:
             act, _ = L.cfg_dropout(act, c.action_dropout, g)
         kw = self.mask_kw() if self.mask == "block_causal" else {}
+        kw.update(self.frame_cond(x0, g, noise=True))
+        x_in = L.noise_latents(x0, eps, t)
+        if self.mask == "block_causal" and c.context_source == "self":
+            x_in = L.mix_context(x_in, self.own_rollout(m, x0, text_in, act_in, g), clean, self.k)
         with self.autocast():
-            v = m(L.noise_latents(x0, eps, t), t, text, action=act, **kw)
+            v = m(x_in, t, text, action=act, **kw)
             loss = L.flow_matching_loss(v, x0, eps, weight=w)
         gn = self.update("dit", loss, step, c.optim)
         self.ema_step(m, step)
@@ -321,7 +348,8 @@ class TeacherStage(LatentStage):
         g = self.gen(step, salt=9)
         x0, text, act = self.batch(0, held_out=True)
         z = self.teacher_sample(_with_ema(self.mods["dit"], self.ema), self.randn(x0[:1].shape, g), text[:1],
-                                None if act is None else act[:1], steps=24, guidance=self.cfg.guidance)
+                                None if act is None else act[:1], steps=24, guidance=self.cfg.guidance,
+                                **self.frame_cond(x0[:1]))
         return _side_by_side(self.decode(x0[:1]), self.decode(z))
 
     def export(self, out_dir):
@@ -339,9 +367,28 @@ class CausalInitStage(TeacherStage):
         if cfg.init in ("", "teacher"):
             cfg = dataclasses.replace(cfg, init=cfg.teacher)
         super().__init__(cfg, dist)
+        self.timesteps = self.sampler.timesteps                       # warped few-step list (own rollouts)
 
     def sample(self, step):
         return self.student_sample(_with_ema(self.mods["dit"], self.ema), self.gen(step, salt=9))
+
+    @torch.no_grad()
+    def own_rollout(self, m, x0, text, act, g) -> torch.Tensor:
+        """The student's own latents for the clip: the inference loop through its cache from
+        max(start_chunks, 1) real chunks (``context_source: self``). -> [B, F, C, H, W]."""
+        B = x0.shape[0]
+        m = getattr(m, "module", m)                                       # DDP wrapper
+        was = m.training
+        m.eval()
+        cache = new_cache(self.pcfg, B, self.device)
+        with self.autocast():
+            cache.cross_kv = m.cross_kv(text)
+        own = rollout(m, cache, self.timesteps, self.randn(x0.shape, g), lambda s: self.randn(s, g),
+                          len(self.timesteps) - 1, act, context="self", gt=x0, grad=False,
+                          context_noise=self.pcfg.sampler.context_noise,
+                          start_frames=max(self.cfg.start_chunks, 1) * self.k)
+        m.train(was)
+        return own.float()
 
 
 def _with_ema(model, ema):
@@ -370,7 +417,7 @@ class StudentStage(LatentStage):
             # later chunk (wrong gradients, found by benchmarks/gpu's rehearsal)
             enable_grad_checkpointing(gmod)
         self.mods["generator"] = dist.prepare(gmod)
-        self.opts["generator"] = adamw(gmod.parameters(), cfg.optim)
+        self.opts["generator"] = adamw(gmod, cfg.optim)
         self.init_ema(gmod)
         self.timesteps = self.sampler.timesteps                       # warped few-step list
 
@@ -385,6 +432,9 @@ class OdeInitStage(StudentStage):
     """Causal ODE regression on stored teacher trajectories (CausVid / Self-Forcing ode_init)."""
 
     def __init__(self, cfg, dist):
+        if cfg.pipeline_config().model.frame_cond != "none":
+            raise ConfigError("ode_init does not support frame_cond models (a teacher trajectory has no "
+                              "clean previous frame); use causal_init or consistency")
         super().__init__(cfg, dist)
         self.traj = self._trajectories()
 
@@ -457,16 +507,18 @@ class ConsistencyStage(StudentStage):
         t_b = torch.tensor(steps, device=self.device)[(i + 1).to(self.device)]
         x_a = L.noise_latents(x0, self.randn(x0.shape, g), t_a)
         with torch.no_grad():
-            tx0 = self.teacher_x0(self.teacher, x_a, t_a, text, act, c.guidance, **self.score_kw())
+            fc = self.frame_cond(x0)
+            tx0 = self.teacher_x0(self.teacher, x_a, t_a, text, act, c.guidance, **self.score_kw(), **fc)
             x_b = L.euler_step(x_a, L.flow_from_x0(x_a, tx0, t_a), t_a, t_b)
             ema = _with_ema(m, self.ema)
             with self.autocast():
-                tgt = L.x0_from_flow(x_b, ema(x_b, t_b.clamp_min(1e-3), text, action=act, **self.mask_kw()).float(),
+                tgt = L.x0_from_flow(x_b, ema(x_b, t_b.clamp_min(1e-3), text, action=act, **self.mask_kw(),
+                                              **fc).float(),
                                      t_b)
             last = (t_b == 0)[:, :, None, None, None]
             tgt = torch.where(last, x_b, tgt)
         with self.autocast():
-            pred = L.x0_from_flow(x_a, m(x_a, t_a, text, action=act, **self.mask_kw()).float(), t_a)
+            pred = L.x0_from_flow(x_a, m(x_a, t_a, text, action=act, **self.mask_kw(), **fc).float(), t_a)
             loss = L.ode_regression_loss(pred, tgt)
         gn = self.update("generator", loss, step, c.optim)
         self.ema_step(m, step)
@@ -483,7 +535,7 @@ class DMDStage(StudentStage):
         if self.ckpt_act:
             enable_grad_checkpointing(critic)
         self.mods["critic"] = dist.prepare(critic)
-        self.opts["critic"] = adamw(critic.parameters(), cfg.critic_optim)
+        self.opts["critic"] = adamw(critic, cfg.critic_optim)
 
     def _rollout(self, x0_gt, text, act, g, grad: bool):
         gm, c = self.mods["generator"], self.cfg
@@ -518,10 +570,10 @@ class DMDStage(StudentStage):
             t, _ = L.apply_clean_chunks(t, start, self.k)
             with torch.no_grad():
                 x_t = L.noise_latents(x.detach(), self.randn(x.shape, g), t)
+                kw = dict(self.score_kw(), **self.frame_cond(x.detach()))
                 with self.autocast():
-                    fake = L.x0_from_flow(x_t, self.mods["critic"](x_t, t, text, action=act,
-                                                                   **self.score_kw()).float(), t)
-                real = self.teacher_x0(self.teacher, x_t, t, text, act, c.guidance, **self.score_kw())
+                    fake = L.x0_from_flow(x_t, self.mods["critic"](x_t, t, text, action=act, **kw).float(), t)
+                real = self.teacher_x0(self.teacher, x_t, t, text, act, c.guidance, **kw)
                 grad = L.dmd_gradient(x[:, P:].detach(), fake[:, P:], real[:, P:])
             loss = L.dmd_loss(x[:, P:], grad)
             out["dmd_loss"] = loss.item()
@@ -534,7 +586,8 @@ class DMDStage(StudentStage):
         t, w = L.apply_clean_chunks(t, start, self.k)
         eps = self.randn(x.shape, g)
         with self.autocast():
-            v = self.mods["critic"](L.noise_latents(x.detach(), eps, t), t, text, action=act, **self.score_kw())
+            v = self.mods["critic"](L.noise_latents(x.detach(), eps, t), t, text, action=act, **self.score_kw(),
+                                    **self.frame_cond(x.detach()))
             closs = L.critic_loss(v, x.detach(), eps, weight=w)
         out["critic_loss"] = closs.item()
         out["critic_grad_norm"] = self.update("critic", closs, step, c.critic_optim)

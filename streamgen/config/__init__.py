@@ -140,6 +140,14 @@ class ModelConfig(_Named):
     # token before self-attention: action x content interactions, Matrix-Game's action module
     # reduced to one MLP)
     action_inject: str = "time"
+    # what else every frame sees besides its own noisy latent: "none" (Wan) | "last": the clean
+    # latent of the previous chunk's last frame (zeros in the first chunk), patch-embedded by a
+    # zero-initialised ``frame_cond_embedding`` and added to the tokens. DIAMOND and GameNGen
+    # stack past frames on the input channels so that a small world model can copy and warp
+    # what it saw; this is that idea reduced to one frame, kept out of the K/V path so the
+    # cache, the masks and the Wan layout stay as they are. Streaming keeps the frame in the
+    # cache (``StreamCache.last_frame``); full forwards take ``frame_cond=``.
+    frame_cond: str = "none"
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -164,6 +172,8 @@ class ModelConfig(_Named):
             raise ConfigError("pos_grid must be > 0")
         if self.action_inject not in ("time", "time+blocks"):
             raise ConfigError(f"action_inject must be 'time' or 'time+blocks', got {self.action_inject!r}")
+        if self.frame_cond not in ("none", "last"):
+            raise ConfigError(f"frame_cond must be 'none' or 'last', got {self.frame_cond!r}")
 
     @property
     def head_dim(self) -> int:
@@ -189,6 +199,8 @@ class ModelConfig(_Named):
         rest += 2 * d + d * self.out_channels * p + self.out_channels * p
         if self.actions.enabled:
             rest += self.actions.dim * d + d + d * d + d
+        if self.frame_cond == "last":
+            rest += self.in_channels * p * d + d
         return self.num_layers * per_block + rest
 
 
@@ -254,7 +266,6 @@ class SamplerConfig(_FromDict):
     shift: float = 5.0
     chunk_frames: int = 3            # latent frames per chunk (3 chunk-wise, 1 frame-wise)
     context_noise: float = 0.0       # timestep of the clean K/V pass after each chunk
-
     def __post_init__(self):
         if not self.denoising_steps:
             raise ConfigError("sampler.denoising_steps must not be empty")

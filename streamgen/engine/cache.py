@@ -18,6 +18,10 @@ Policies (all chosen by string in :class:`CacheConfig`):
   "relative" (keys cached unrotated, rotated at attention time with bounded positions:
   sink 0..S-1, anchor S..S+A-1, window frames S+A.. in frame order);
 - anchors: :meth:`capture_anchor` copies the newest frames into the anchor region.
+
+Models with ``frame_cond="last"`` also keep ``last_frame`` [B, C, h, w]: the clean latent of
+the newest finished chunk's last frame (zeros before the first), which every frame of the next
+chunk sees; :meth:`end_chunk` writes it in place after the chunk's context pass.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from ..errors import ConfigError
 
 class StreamCache:
     def __init__(self, model_cfg: ModelConfig, cfg: CacheConfig, batch: int, tokens_per_frame: int,
-                 chunk_frames: int, device=None, dtype=torch.float32):
+                 chunk_frames: int, device=None, dtype=torch.float32,
+                 latent_hw: tuple[int, int] | None = None):
         if chunk_frames > cfg.ring_frames:
             raise ConfigError(f"chunk of {chunk_frames} frames does not fit a window of {cfg.ring_frames}")
         self.cfg, self.model_cfg = cfg, model_cfg
@@ -46,6 +51,11 @@ class StreamCache:
         self.q_pos = torch.zeros(batch, chunk_frames, dtype=torch.long, device=device)
         self.k_pos = torch.zeros(batch, self.n_slots, dtype=torch.long, device=device)
         self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.last_frame = None                                            # [B, C, h, w] or None
+        if model_cfg.frame_cond != "none":
+            if latent_hw is None:
+                raise ConfigError("a frame_cond model's cache needs latent_hw=(latent height, width)")
+            self.last_frame = torch.zeros(batch, model_cfg.in_channels, *latent_hw, device=device, dtype=dtype)
         # host bookkeeping (never read back from the device)
         self.slot_frame = [[-1] * self.n_slots for _ in range(batch)]
         self.next_frame = [0] * batch
@@ -69,6 +79,15 @@ class StreamCache:
             self.next_frame[r] = 0
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         self.key_valid[idx.to(self.device)] = False
+        if self.last_frame is not None:
+            self.last_frame[idx.to(self.device)] = 0
+
+    def end_chunk(self, x0: torch.Tensor):
+        """A chunk is finished: its clean latents x0 [B, k, C, h, w] (generated, or opening
+        frames) give the next chunk's frame conditioning (``frame_cond="last"`` models; a no-op
+        otherwise). Written in place."""
+        if self.last_frame is not None:
+            self.last_frame.copy_(x0[:, -1].to(self.last_frame.dtype))
 
     def begin_chunk(self, num_frames: int | None = None):
         """Prepare the slots for the next chunk of every row and advance the frame counter."""
@@ -170,6 +189,8 @@ class StreamCache:
         v.k, v.v = self.k[:, a:b], self.v[:, a:b]
         for name in ("write_index", "key_valid", "q_pos", "k_pos"):
             setattr(v, name, getattr(self, name)[a:b])
+        if self.last_frame is not None:
+            v.last_frame = self.last_frame[a:b]
         v.slot_frame = [list(sf) for sf in self.slot_frame[a:b]]
         v.next_frame = list(self.next_frame[a:b])
         v.cross_kv = None

@@ -2,8 +2,9 @@
 
 This is the exact loop of Self-Forcing's inference pipeline, written against the explicit
 cache: ``cache.begin_chunk()`` once, ``len(steps)`` model calls that (over)write the chunk's
-K/V (``streamgen.engine.sampling.sample``, the one sampler training also runs), and one more call at
-``t = context_noise`` on x0 that leaves clean K/V behind.
+K/V (``streamgen.engine.sampling.sample``, the one sampler training also runs), one more call at
+``t = context_noise`` on x0 that leaves clean K/V behind, and ``cache.end_chunk(x0)`` (the next
+chunk's frame conditioning, for ``frame_cond`` models).
 
 ``draw(shape)`` returns fresh noise of that shape (a zero-argument ``draw()`` returning
 noise shaped like the chunk is still accepted).
@@ -46,6 +47,7 @@ def generate_chunk(model: WanDiT, cache: StreamCache, sampler: FewStepSampler, n
     ctx = context_input(x0, sampler.cfg.context_noise, draw)
     t_ctx = torch.full((B, k), sampler.cfg.context_noise, device=x0.device, dtype=torch.float32)
     step(model, ctx, t_ctx, cache, action)
+    cache.end_chunk(x0)
     return x0
 
 

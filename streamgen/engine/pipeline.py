@@ -145,7 +145,7 @@ class Pipeline:
     def new_cache(self, batch: int = 1) -> StreamCache:
         c = self.config
         return StreamCache(c.model, c.cache, batch, c.tokens_per_frame, c.sampler.chunk_frames,
-                           device=self.device, dtype=self.dtype)
+                           device=self.device, dtype=self.dtype, latent_hw=(c.latent_height, c.latent_width))
 
     def to_uint8(self, frames: torch.Tensor) -> np.ndarray:
         """[-1, 1] float [T, 3, H, W] -> uint8 [T, H, W, 3]."""
@@ -227,6 +227,7 @@ class Session:
             self.cache.begin_chunk(k)
             t = torch.full((1, k), c.sampler.context_noise, device=p.device, dtype=torch.float32)
             p.model(z[:, s:s + k], t, cache=self.cache, action=a)
+            self.cache.end_chunk(z[:, s:s + k])
             for i in range(k):
                 self.latents[start + i] = (z[:, s + i], None if a is None else a[:, i])
             _, self.vae_state = p.vae.decode_chunk(z[:, s:s + k], self.vae_state)
@@ -246,8 +247,7 @@ class Session:
         x0 = generate_chunk(p.model, self.cache, p.sampler, self._noise(shape), lambda: self._noise(shape), act)
         for i in range(k):
             self.latents[start + i] = (x0[:, i], None if act is None else act[:, i])
-        keep = set(self.cache.cached_frames(0))
-        self.latents = {f: v for f, v in self.latents.items() if f in keep}
+        self.latents = kept_latents(self.latents, self.cache.cached_frames(0), c.model.frame_cond)
         self.chunks += 1
         return x0
 
@@ -296,11 +296,21 @@ def check_start_frames(pipe: Pipeline, frames) -> np.ndarray:
     return frames
 
 
+def kept_latents(latents: dict[int, tuple], cached: list[int], frame_cond: str = "none") -> dict[int, tuple]:
+    """The latents a re-cache needs: the cached frames' and, for ``frame_cond`` models, each
+    one's predecessor (a chunk's frame conditioning is the previous chunk's last frame)."""
+    keep = set(cached)
+    if frame_cond != "none":
+        keep |= {f - 1 for f in cached}
+    return {f: v for f, v in latents.items() if f in keep}
+
+
 @torch.no_grad()
 def recache(pipe: Pipeline, cache: StreamCache, latents: dict[int, tuple]):
     """LongLive re-cache: recompute the cached frames' K/V under the cache's current prompt.
 
-    The anchor region (if any) first captures the K/V from before the switch.
+    The anchor region (if any) first captures the K/V from before the switch. ``frame_cond``
+    models see each chunk's own conditioning frame again (zeros if it is not in ``latents``).
     """
     c = pipe.config
     k = c.sampler.chunk_frames
@@ -317,5 +327,10 @@ def recache(pipe: Pipeline, cache: StreamCache, latents: dict[int, tuple]):
         x = torch.cat([latents[f][0][:, None] for f in group], dim=1)
         a = None if latents[group[0]][1] is None else torch.stack([latents[f][1] for f in group], dim=1)
         t = torch.full((1, k), c.sampler.context_noise, device=x.device, dtype=torch.float32)
+        if cache.last_frame is not None:
+            prev = latents.get(group[0] - 1)
+            cache.last_frame.copy_(prev[0] if prev is not None else torch.zeros_like(cache.last_frame))
         pipe.model(x, t, cache=cache, action=a)
+    if cache.last_frame is not None and next_frame - 1 in latents:
+        cache.last_frame.copy_(latents[next_frame - 1][0])
     cache.next_frame[0] = next_frame

@@ -254,7 +254,8 @@ def _model_fields_from_json(cfg: dict) -> dict | None:
 
 
 _SHAPE_FIELDS = ("dim", "ffn_dim", "num_layers", "in_channels", "out_channels", "text_dim", "freq_dim",
-                 "patch_size", "qk_norm", "cross_attn_norm", "pos_embed", "pos_grid", "action_inject")
+                 "patch_size", "qk_norm", "cross_attn_norm", "pos_embed", "pos_grid", "action_inject",
+                 "frame_cond")
 
 
 def _with_model(preset: dict, fields: dict | None, shape_fields: dict, notes: list[str]) -> dict:

@@ -208,4 +208,6 @@ def infer_model_config(sd: dict[str, torch.Tensor], head_dim: int = 128) -> dict
         cfg.update(pos_embed="learned", pos_grid=shape("pos_embedding_h")[0])
     if "action_features.0.weight" in sd:
         cfg["action_inject"] = "time+blocks"
+    if "frame_cond_embedding.weight" in sd:
+        cfg["frame_cond"] = "last"
     return cfg

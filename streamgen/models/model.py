@@ -1,8 +1,9 @@
 """Wan2.1-layout diffusion transformer, bidirectional or block-causal with the same weights.
 
 Parameter names and shapes are exactly Wan2.1's, so Wan and Self-Forcing-family state dicts
-load without renaming. Additions: per-frame timesteps (per-frame adaLN) and an optional
-action embedding (``action_embedding.{0,2}``) added to the per-frame time embedding.
+load without renaming. Additions: per-frame timesteps (per-frame adaLN), an optional
+action embedding (``action_embedding.{0,2}``) added to the per-frame time embedding, and an
+optional previous-frame input (``frame_cond_embedding``, ``ModelConfig.frame_cond``).
 
 Shapes: video latents x [B, F, C, H, W] (frame-major, as Self-Forcing's wrapper), timesteps
 t [B, F] in [0, 1000], text context [B, text_len, text_dim], actions [B, F, action_dim].
@@ -30,6 +31,16 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     ang = torch.outer(pos, freqs)
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=1)
+
+
+def previous_chunk_last(x0: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """Each frame's conditioning latent for ``frame_cond="last"`` models: the last frame of the
+    previous chunk, zeros in the first chunk. x0 [B, F, C, H, W] clean latents -> same shape."""
+    B, Fr = x0.shape[:2]
+    out = torch.zeros_like(x0)
+    for s in range(chunk_frames, Fr, chunk_frames):
+        out[:, s:s + chunk_frames] = x0[:, s - 1:s]
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -185,6 +196,10 @@ class WanDiT(nn.Module):
         self.cfg = cfg
         d, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=p, stride=p)
+        if cfg.frame_cond == "last":         # the previous chunk's last frame, same patches
+            self.frame_cond_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=p, stride=p)
+            nn.init.zeros_(self.frame_cond_embedding.weight)      # starts as the plain model
+            nn.init.zeros_(self.frame_cond_embedding.bias)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
@@ -241,9 +256,11 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))          # [B*F, 6, dim]
         return e.view(B, Fr, -1), e0.view(B, Fr, 6, -1)
 
-    def _patchify(self, x):
-        # x [B, F, C, H, W] -> tokens [B, F*h*w, dim], grid (F, h, w)
+    def _patchify(self, x, frame_cond=None):
+        # x [B, F, C, H, W] (and frame_cond, same shape) -> tokens [B, F*h*w, dim], grid (F, h, w)
         y = self.patch_embedding(x.transpose(1, 2))                          # [B, dim, F', h, w]
+        if frame_cond is not None:
+            y = y + self.frame_cond_embedding(frame_cond.to(x.dtype).transpose(1, 2))
         grid = y.shape[2:]
         if self.cfg.pos_embed == "learned":
             h, w = grid[1], grid[2]
@@ -265,7 +282,7 @@ class WanDiT(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, text=None, *, action=None, cache=None, cross_kv=None,
                 attn_mode: str = "bidirectional", chunk_frames: int = 1, sink_frames: int = 0,
-                window_frames: int = -1, frame_offset: int = 0):
+                window_frames: int = -1, frame_offset: int = 0, frame_cond=None):
         """Flow prediction v [B, F, C, H, W].
 
         Full forward (cache=None): ``attn_mode`` "bidirectional" or "block_causal" (chunks of
@@ -274,6 +291,8 @@ class WanDiT(nn.Module):
         ``cache.begin_chunk``; its K/V are written into the cache in place.
         Text: pass ``text`` [B, text_len, text_dim] or precomputed ``cross_kv``
         (default: ``cache.cross_kv``).
+        ``frame_cond`` ("last" models): each frame's conditioning latent [B, F, C, H, W]
+        (:func:`previous_chunk_last` of the clean latents); streaming reads ``cache.last_frame``.
         """
         B, Fr = x.shape[:2]
         if t.dim() == 1:
@@ -284,7 +303,16 @@ class WanDiT(nn.Module):
                 cross_kv = cache.cross_kv
             else:                            # each block projects its own K/V (= self.cross_kv(text))
                 context = self.embed_text(text)                               # [B, Lc, dim]
-        tokens, grid = self._patchify(x)
+        if self.cfg.frame_cond == "none":
+            frame_cond = None
+        elif frame_cond is None:
+            if cache is None:
+                raise ConfigError("this model (frame_cond='last') needs frame_cond= [B, F, C, H, W] in a "
+                                  "full forward: previous_chunk_last(clean latents, chunk_frames)")
+            frame_cond = cache.last_frame[:, None].expand(B, Fr, *cache.last_frame.shape[1:])
+        elif frame_cond.shape != x.shape:
+            raise ConfigError(f"frame_cond must have the latents' shape {list(x.shape)}, got {list(frame_cond.shape)}")
+        tokens, grid = self._patchify(x, frame_cond)
         f, h, w = grid
         e, e0 = self._time(t, action)
         if self.cfg.patch_size[0] != 1:
