@@ -152,3 +152,36 @@ def test_session_start_and_recache_carry_the_frame():
     s.set_prompt("an ice cave")
     out = s.step({"keys": ["A"]})
     assert out.shape[0] == cfg.sampler.chunk_frames
+
+
+def test_server_rows_keep_their_own_frame_when_another_client_leaves():
+    """A frame_cond model in the batcher: the first client leaves after one chunk (the last row
+    moves into its row, frame included); the others still give their solo sessions' frames."""
+    import time
+    pytest.importorskip("fastapi")
+    from streamgen.server.batcher import Batcher
+    pipe = Pipeline.from_pretrained("tiny-world", random_weights=True, config=_tiny_world_fc())
+    with torch.no_grad():
+        pipe.model.frame_cond_embedding.weight.normal_(0, 1.0)        # make the frame matter a lot
+    b = Batcher(pipe, max_sessions=3, pace=0, admission="degrade", calibrate=False)
+    specs = [("a red room", 3), ("a blue hall", 4), ("green", 5)]
+    got = {i: [] for i in range(3)}
+    b.start()
+    try:
+        slots = [b.open(p, s, got[i].append, lambda r, m: None, start="world") for i, (p, s) in enumerate(specs)]
+        for sl in slots:
+            b.set_action(sl, {"keys": ["W"]}, None)
+        t_end = time.monotonic() + 120
+        while not got[0] and time.monotonic() < t_end:
+            time.sleep(0.005)
+        b.close(slots[0])
+        while min(len(got[1]), len(got[2])) < 3 and time.monotonic() < t_end:
+            time.sleep(0.01)
+    finally:
+        b.stop()
+    for i in (1, 2):
+        s = pipe.session(specs[i][0], seed=specs[i][1], start="world")
+        for j in range(3):
+            ref = s.step({"keys": ["W"]})
+            diff = np.abs(got[i][j].frames.astype(int) - ref.astype(int))
+            assert diff.max() <= 2 and diff.mean() < 0.05, f"session {i} chunk {j}: max {diff.max()}"

@@ -1,4 +1,5 @@
 """The self-forcing rollout is the inference loop; gradient flows only through exit steps."""
+import pytest
 import torch
 
 from streamgen.engine import chunk_step
@@ -60,13 +61,14 @@ def test_rollout_context_modes_run():
     assert torch.allclose(outs["self"][:, :3], outs["clean"][:, :3])
 
 
-def test_autoencoder_streaming_decode_equals_full():
+@pytest.mark.parametrize("stride,channels", [(8, 8), (4, 4)])
+def test_autoencoder_streaming_decode_equals_full(stride, channels):
     torch.manual_seed(0)
-    ae = TinyAutoencoder(8, width=8).eval()
+    ae = TinyAutoencoder(channels, width=8, stride=stride).eval()
     video = torch.rand(1, 7, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         z = ae.encode(video)
-        assert z.shape == (1, 7, 8, 8, 8)
+        assert z.shape == (1, 7, channels, 64 // stride, 64 // stride)
         full = ae.decode(z)
         st, parts = ae.init_state(1), []
         for s in (0, 3, 6):
@@ -74,5 +76,17 @@ def test_autoencoder_streaming_decode_equals_full():
             parts.append(f)
     assert full.shape == (1, 7, 3, 64, 64)
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-6)
-    ae2 = TinyAutoencoder.from_state(ae.state_dict(), latent_channels=8)
+    ae2 = TinyAutoencoder.from_state(ae.state_dict(), latent_channels=channels)   # stride read from the weights
+    assert ae2.spatial_stride == stride
     assert torch.equal(ae2.state_dict()["decoder.0.weight"], ae.state_dict()["decoder.0.weight"])
+
+
+def test_tiny_ae_stride_is_checked_against_the_pipeline():
+    from streamgen.codecs.factory import build_vae
+    from streamgen.errors import ConfigError
+    sd = TinyAutoencoder(4, width=8, stride=4).state_dict()
+    assert build_vae("tiny-ae", 4, 4, 1, state_dict=sd).spatial_stride == 4
+    with pytest.raises(ConfigError, match="stride"):
+        build_vae("tiny-ae", 4, 8, 1, state_dict=sd)                 # a stride-8 pipeline, stride-4 weights
+    with pytest.raises(ConfigError, match="stride"):
+        TinyAutoencoder(4, stride=2)

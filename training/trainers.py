@@ -45,9 +45,12 @@ def load_dit(pcfg, path: str | None, dist: Dist) -> WanDiT:
     return m.to(dist.device)
 
 
-def load_autoencoder(path: str, latent_channels: int, device) -> TinyAutoencoder:
+def load_autoencoder(path: str, latent_channels: int, device, stride: int = 8) -> TinyAutoencoder:
     sd = read_weights(path)[0] if path else None
-    return TinyAutoencoder.from_state(sd, latent_channels).to(device).eval()
+    ae = TinyAutoencoder.from_state(sd, latent_channels, stride=stride)
+    if ae.spatial_stride != stride:
+        raise ConfigError(f"{path}: a tiny-ae of spatial stride {ae.spatial_stride}, the pipeline expects {stride}")
+    return ae.to(device).eval()
 
 
 def adamw(params, oc) -> torch.optim.Optimizer:
@@ -160,7 +163,9 @@ class AutoencoderStage(Stage):
             sd, _ = read_weights(cfg.init)
             ae = TinyAutoencoder.from_state(sd, self.pcfg.model.in_channels)
         else:
-            ae = TinyAutoencoder(self.pcfg.model.in_channels, cfg.ae_width)
+            ae = TinyAutoencoder(self.pcfg.model.in_channels, cfg.ae_width, stride=self.pcfg.spatial_stride)
+        if ae.spatial_stride != self.pcfg.spatial_stride:
+            raise ConfigError(f"the tiny-ae has spatial stride {ae.spatial_stride}, the pipeline {self.pcfg.spatial_stride}")
         if cfg.ae_train == "decoder":
             ae.encoder.requires_grad_(False)
         self.mods["ae"] = dist.prepare(ae)
@@ -218,7 +223,7 @@ def _side_by_side(a: torch.Tensor, b: torch.Tensor):
 class LatentStage(Stage):
     def __init__(self, cfg, dist):
         super().__init__(cfg, dist)
-        self.ae = load_autoencoder(cfg.autoencoder, self.pcfg.model.in_channels, self.device)
+        self.ae = load_autoencoder(cfg.autoencoder, self.pcfg.model.in_channels, self.device, self.pcfg.spatial_stride)
         self.data = load_latents(cfg.data, self.pcfg, self.ae, cfg.autoencoder)
         self.n = self.data["latents"].shape[0] - HELD_OUT
         self.sampler = FewStepSampler(self.pcfg.sampler)

@@ -1,13 +1,14 @@
 """The shipped default model's small causal video autoencoder ("tiny-ae").
 
-64x64 RGB <-> 8x8 latents with ``latent_channels`` channels: spatial stride 8, temporal
+64x64 RGB <-> 8x8 latents with ``latent_channels`` channels: spatial stride 8 (or 16x16 latents
+at ``stride=4``: more, smaller patches of the picture, for walls that stay sharp), temporal
 stride 1 (every video frame is one latent frame). The encoder is per frame. The decoder is
 streaming-causal: frame ``f`` is decoded from latents ``f`` and ``f - 1`` (a zero frame before
 the first), so its state is just the previous latent frame and decoding chunk by chunk is
 exactly the full decode. Latents are normalised per channel (``latent_mean``/``latent_std``
 buffers, set once after training) so the DiT sees roughly unit-variance inputs.
 
-    ae = TinyAutoencoder.from_state(state_dict_or_None, latent_channels=8)
+    ae = TinyAutoencoder.from_state(state_dict_or_None, latent_channels=8)   # stride read from the weights
     z = ae.encode(video)                          # [B, T, 3, 64, 64] in [-1, 1] -> [B, T, 8, 8, 8]
     st = ae.init_state(B); frames, st = ae.decode_chunk(z[:, :3], st)
 """
@@ -33,51 +34,66 @@ class ResBlock(nn.Module):
 
 
 class TinyAutoencoder(VideoAutoencoder):
-    spatial_stride = 8
     temporal_stride = 1
 
-    def __init__(self, latent_channels: int = 8, width: int = 32):
+    def __init__(self, latent_channels: int = 8, width: int = 32, stride: int = 8):
         super().__init__()
-        self.latent_channels, self.width = latent_channels, width
+        if stride not in (4, 8):
+            from ..errors import ConfigError
+            raise ConfigError(f"tiny-ae spatial stride must be 4 or 8, got {stride}")
+        self.latent_channels, self.width, self.spatial_stride = latent_channels, width, stride
         w1, w2, w3, w4 = width, 2 * width, 3 * width, 4 * width
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, w1, 4, stride=2, padding=1), nn.SiLU(),             # 32
-            nn.Conv2d(w1, w2, 4, stride=2, padding=1), nn.SiLU(),            # 16
-            nn.Conv2d(w2, w4, 4, stride=2, padding=1), ResBlock(w4), nn.SiLU(),   # 8
-            nn.Conv2d(w4, latent_channels, 1))
-        self.decoder = nn.Sequential(
-            nn.Conv2d(2 * latent_channels, w4, 3, padding=1), ResBlock(w4), nn.SiLU(),
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w4, w3, 3, padding=1), ResBlock(w3), nn.SiLU(),  # 16
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w3, w2, 3, padding=1), nn.SiLU(),            # 32
-            nn.Conv2d(w2, 3 * 4, 3, padding=1), nn.PixelShuffle(2))                                         # 64
+        if stride == 8:
+            self.encoder = nn.Sequential(
+                nn.Conv2d(3, w1, 4, stride=2, padding=1), nn.SiLU(),             # 32
+                nn.Conv2d(w1, w2, 4, stride=2, padding=1), nn.SiLU(),            # 16
+                nn.Conv2d(w2, w4, 4, stride=2, padding=1), ResBlock(w4), nn.SiLU(),   # 8
+                nn.Conv2d(w4, latent_channels, 1))
+            self.decoder = nn.Sequential(
+                nn.Conv2d(2 * latent_channels, w4, 3, padding=1), ResBlock(w4), nn.SiLU(),
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w4, w3, 3, padding=1), ResBlock(w3), nn.SiLU(),  # 16
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w3, w2, 3, padding=1), nn.SiLU(),            # 32
+                nn.Conv2d(w2, 3 * 4, 3, padding=1), nn.PixelShuffle(2))                                         # 64
+        else:
+            self.encoder = nn.Sequential(
+                nn.Conv2d(3, w1, 4, stride=2, padding=1), nn.SiLU(),             # 32
+                nn.Conv2d(w1, w4, 4, stride=2, padding=1), ResBlock(w4), nn.SiLU(),   # 16
+                nn.Conv2d(w4, latent_channels, 1))
+            self.decoder = nn.Sequential(
+                nn.Conv2d(2 * latent_channels, w4, 3, padding=1), ResBlock(w4), nn.SiLU(),                      # 16
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w4, w2, 3, padding=1), ResBlock(w2), nn.SiLU(),  # 32
+                nn.Conv2d(w2, 3 * 4, 3, padding=1), nn.PixelShuffle(2))                                         # 64
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_state(cls, state_dict: dict | None, latent_channels: int = 8) -> "TinyAutoencoder":
+    def from_state(cls, state_dict: dict | None, latent_channels: int = 8, stride: int = 8) -> "TinyAutoencoder":
         """Random init (``None``: seed 0, drawn from a local generator, so the caller's global
-        RNG is left as it was) or the trained weights; the width is read from the weights."""
+        RNG is left as it was; ``stride``) or the trained weights; width and stride are read
+        from the weights (one stride-2 4x4 encoder conv per factor of 2)."""
         if state_dict is None:
-            return cls.random_init(latent_channels, torch.Generator().manual_seed(0))
+            return cls.random_init(latent_channels, torch.Generator().manual_seed(0), stride=stride)
         width = int(state_dict["encoder.0.weight"].shape[0])
         c = int(state_dict["latent_mean"].shape[0])
         if c != latent_channels:
             from ..errors import ConfigError
             raise ConfigError(f"tiny-ae weights have {c} latent channels, the model expects {latent_channels}")
-        ae = cls(latent_channels, width)
+        downs = sum(1 for k, v in state_dict.items()
+                    if k.startswith("encoder.") and k.endswith(".weight") and v.dim() == 4 and v.shape[-1] == 4)
+        ae = cls(latent_channels, width, stride=2 ** downs)
         ae.load_state_dict(state_dict, strict=True)
         return ae
 
     @classmethod
     def random_init(cls, latent_channels: int = 8, generator: torch.Generator | None = None,
-                    width: int = 32) -> "TinyAutoencoder":
+                    width: int = 32, stride: int = 8) -> "TinyAutoencoder":
         """torch's default init (``nn.Conv2d.reset_parameters``), drawn from ``generator`` in
         construction order: the same weights as building the module after
         ``torch.manual_seed(s)`` when ``generator`` is seeded with ``s``, without touching the
         global RNG. Buffers get their defaults (mean 0, std 1)."""
         with torch.device("meta"):
-            ae = cls(latent_channels, width)
+            ae = cls(latent_channels, width, stride)
         ae = ae.to_empty(device="cpu")
         with torch.no_grad():
             for m in ae.modules():
@@ -94,7 +110,7 @@ class TinyAutoencoder(VideoAutoencoder):
 
     # ------------------------------------------------------------------ raw (unnormalised) pieces
     def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, T, 3, H, W] -> unnormalised latents [B, T, C, H/8, W/8]."""
+        """[B, T, 3, H, W] -> unnormalised latents [B, T, C, H/s, W/s] (s = spatial_stride)."""
         B, T = video.shape[:2]
         return self.encoder(video.flatten(0, 1)).unflatten(0, (B, T))
 

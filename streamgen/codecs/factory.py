@@ -32,8 +32,8 @@ def build_vae(kind: str, latent_channels: int, spatial_stride: int, temporal_str
         if state_dict is None and not random_weights:
             raise ConfigError("vae 'tiny-ae' needs its trained weights: an autoencoder.safetensors next to the "
                               "model file, vae_path=..., or random weights")
-        ae = TinyAutoencoder.from_state(state_dict, latent_channels=latent_channels)
-        return ae.to(device).eval()
+        vae = TinyAutoencoder.from_state(state_dict, latent_channels=latent_channels,
+                                         stride=spatial_stride).to(device).eval()
     else:
         raise ConfigError(f"unknown vae {kind!r}")
     got = (vae.latent_channels, vae.spatial_stride, vae.temporal_stride)
