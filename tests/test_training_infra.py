@@ -300,3 +300,27 @@ def test_adamw_lr_mult_groups_by_prefix_and_update_scales_them():
     assert mults == [(1.0, 2), (10.0, 2)]                      # "1." = the second layer's weight + bias
     with _pytest.raises(ConfigError, match="lr_mult"):
         OptimConfig(lr_mult={"x": 0}).validate()
+
+
+def test_load_dit_init_reset_moves_a_dit_to_a_new_latent(tmp_path):
+    """A DiT on a new latent (other channels and patch) keeps every block of its init and draws
+    its patch embedding and head fresh; without init_reset the mismatch is a clear error."""
+    import dataclasses
+    import types
+    import pytest as _pytest
+    from streamgen.config import PipelineConfig
+    from streamgen.errors import StreamgenError
+    from streamgen.io.checkpoint import save_release
+    from streamgen.models.model import WanDiT
+    from streamgen.training.trainers import load_dit
+    old = PipelineConfig.from_name("tiny-world")
+    src = WanDiT(old.model)
+    save_release(str(tmp_path / "old.safetensors"), src.state_dict())
+    new = dataclasses.replace(old, model=dataclasses.replace(old.model, in_channels=2, out_channels=2,
+                                                             patch_size=(1, 4, 4)))
+    dist = types.SimpleNamespace(device=torch.device("cpu"))
+    with _pytest.raises(StreamgenError, match="shape mismatch"):
+        load_dit(new, str(tmp_path / "old.safetensors"), dist)
+    m = load_dit(new, str(tmp_path / "old.safetensors"), dist, reset=("patch_embedding", "head.head"))
+    assert torch.equal(m.blocks[1].ffn[0].weight, src.blocks[1].ffn[0].weight)
+    assert m.patch_embedding.weight.shape[1] == 2

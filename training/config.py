@@ -125,6 +125,8 @@ class RunConfig:
                                            # "none" | "prefix" (first L chunks) | "bernoulli" (each chunk)
     clean_p: float = 0.5                   # prefix: P(L >= 1), L uniform in 1..n-1; bernoulli: P(clean)
     start_chunks: int = 0                  # DMD family: rollouts open with this many real chunks
+    init_reset: tuple = ()                 # parameter-name prefixes not taken from `init` (fresh init):
+                                           # e.g. [patch_embedding, head.head] for a DiT moved to a new latent
     context_source: str = "data"           # causal_init: what the clean context chunks hold: "data"
                                            # (teacher forcing) | "self" (the student's own rollout from
                                            # max(start_chunks, 1) real chunks, as at inference; targets

@@ -33,15 +33,18 @@ HELD_OUT = 16   # last clips of the data set: samples, never trained on
 
 
 # ------------------------------------------------------------------ helpers
-def load_dit(pcfg, path: str | None, dist: Dist) -> WanDiT:
+def load_dit(pcfg, path: str | None, dist: Dist, reset: tuple[str, ...] = ()) -> WanDiT:
+    """A DiT of ``pcfg.model`` with the weights of ``path``; parameters whose names start with a
+    ``reset`` prefix keep their fresh init (e.g. a new latent's patch embedding and head)."""
     torch.manual_seed(0)
     m = WanDiT(pcfg.model)
     if path:
-        sd, _ = read_weights(path)
+        sd = unwrap_state_dict(read_weights(path)[0])
+        sd = {k: v for k, v in sd.items() if not any(k.startswith(r) for r in reset)}
         # a "time+blocks" model may start from a "time" checkpoint: its action MLPs start at zero
         # (and a frame_cond model from a plain one: its frame embedding starts at zero)
-        check_and_load(m, unwrap_state_dict(sd), source=path, fresh=("action_mlp", "action_features",
-                                                                              "frame_cond_embedding"))
+        check_and_load(m, sd, source=path, fresh=("action_mlp", "action_features", "frame_cond_embedding")
+                       + tuple(reset))
     return m.to(dist.device)
 
 
@@ -314,7 +317,7 @@ class TeacherStage(LatentStage):
 
     def __init__(self, cfg, dist):
         super().__init__(cfg, dist)
-        m = load_dit(self.pcfg, cfg.init if cfg.init not in ("", "teacher") else None, dist)
+        m = load_dit(self.pcfg, cfg.init if cfg.init not in ("", "teacher") else None, dist, cfg.init_reset)
         if self.ckpt_act:
             enable_grad_checkpointing(m)
         self.mods["dit"] = dist.prepare(m)
@@ -416,7 +419,7 @@ class StudentStage(LatentStage):
         super().__init__(cfg, dist)
         self.teacher = frozen(load_dit(self.pcfg, cfg.teacher, dist))
         init = cfg.teacher if cfg.init in ("", "teacher") else cfg.init
-        gmod = load_dit(self.pcfg, init, dist)
+        gmod = load_dit(self.pcfg, init, dist, cfg.init_reset)
         if self.ckpt_act and cfg.stage not in ("dmd", "teacher_forcing", "diffusion_forcing"):
             # not in cache rollouts: a recomputed block would read the cache's index tensors of a
             # later chunk (wrong gradients, found by benchmarks/gpu's rehearsal)
