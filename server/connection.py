@@ -21,7 +21,7 @@ from streamgen.io.actions import validate_action
 from streamgen.errors import ActionError, PromptError
 from streamgen.codecs.text import check_prompt
 
-from .batcher import Busy, Chunk, StreamSlot
+from .slots import Busy, Chunk, StreamSlot
 from .media import HEADER_BYTES, make_encoder
 
 if TYPE_CHECKING:
