@@ -49,16 +49,16 @@ _MODELS: dict[str, dict[str, Any]] = {
     "tiny-world": dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=4,
                        out_channels=4, text_dim=32, freq_dim=32, text_len=16,
                        actions=dict(keys=WASD, mouse=True)),
-    # The size of the shipped default world model (64x64 video, 8x8x8 latents).
+    # The default world model of releases 1-2 (64x64 video, 8x8x8 latents).
     "small-world": dict(dim=128, ffn_dim=384, num_heads=2, num_layers=4, in_channels=8,
                         out_channels=8, text_dim=384, freq_dim=64, text_len=16,
                         actions=dict(keys=WASD, mouse=True), pos_embed="learned", pos_grid=16),
-    # The shipped default world model from release 3 on (wider and deeper; same latents).
+    # The default world model of releases 3-5 (wider and deeper; same latents).
     "world-64": dict(dim=192, ffn_dim=576, num_heads=3, num_layers=5, in_channels=8,
                      out_channels=8, text_dim=384, freq_dim=64, text_len=16,
                      actions=dict(keys=WASD, mouse=True), pos_embed="learned", pos_grid=16),
-    # Next release's candidate: the same DiT on 16x16x4 latents (tiny-ae stride 4), patches of
-    # 4x4 latents, so still 16 tokens per frame of 16x16 px and the same speed.
+    # The shipped default world model from release 6 on: the same DiT on 16x16x4 latents (tiny-ae
+    # stride 4), patches of 4x4 latents, so still 16 tokens per frame of 16x16 px and the same speed.
     "world-64-s4": dict(dim=192, ffn_dim=576, num_heads=3, num_layers=5, in_channels=4,
                         out_channels=4, patch_size=(1, 4, 4), text_dim=384, freq_dim=64, text_len=16,
                         actions=dict(keys=WASD, mouse=True), pos_embed="learned", pos_grid=16),
