@@ -20,12 +20,10 @@ def main():
     torch.set_num_threads(1)
     from streamgen import Pipeline
     from streamgen.eval.continuation import continuation
+    from streamgen.training.export import load_ema
     pipe = Pipeline.from_pretrained(a.model)
     if a.ckpt:
-        ema = torch.load(a.ckpt, map_location="cpu", weights_only=True)["ema"]
-        with torch.no_grad():
-            for k, v in pipe.model.named_parameters():
-                v.copy_(ema[k])
+        load_ema(pipe, a.ckpt)
     r = continuation(pipe, walks=a.walks)
     print(json.dumps({"model": a.model, "ckpt": a.ckpt, **r["model_minus_copy_last_db"],
                       "shuffled_cost_db": r["action_sensitivity_db"], "psnr": r["model"]["psnr"],

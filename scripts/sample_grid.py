@@ -11,7 +11,6 @@ import argparse
 import sys
 
 import numpy as np
-import torch
 
 
 def main(argv=None) -> int:
@@ -28,15 +27,11 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from streamgen import Pipeline
-    from streamgen.training.export import sample_walk
+    from streamgen.training.export import load_ema, sample_walk
     from streamgen.world.episodes import scene_for
     pipe = Pipeline.from_pretrained(a.model, vae_path=a.vae)
     if a.ckpt:
-        st = torch.load(a.ckpt, map_location="cpu", weights_only=True)
-        ema = st["ema"]
-        with torch.no_grad():
-            for k, v in pipe.model.named_parameters():
-                v.copy_(ema[k])
+        load_ema(pipe, a.ckpt)
     rows = []
     for seed in (int(s) for s in a.seeds.split(",")):
         prompt = a.prompt or scene_for(seed)[1]

@@ -92,6 +92,15 @@ def write_sample(model: str, path: str, seconds: float = 8.0, seed: int = 3,
     return path
 
 
+def load_ema(pipe, ckpt: str) -> None:
+    """Copy a training checkpoint's EMA weights into ``pipe.model`` (same architecture)."""
+    import torch
+    ema = torch.load(ckpt, map_location="cpu", weights_only=True)["ema"]
+    with torch.no_grad():
+        for k, v in pipe.model.named_parameters():
+            v.copy_(ema[k])
+
+
 def load_release(folder: str, steps: int | None = None):
     """Pipeline of an exported release folder (its autoencoder.safetensors included)."""
     from ..engine.pipeline import Pipeline
