@@ -152,3 +152,29 @@ def test_mix_context_takes_own_latents_on_clean_chunks_only():
     clean = torch.tensor([[True, False], [False, True]])
     got = mix_context(noisy, own, clean, 3)[:, :, 0, 0, 0]
     assert got.tolist() == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]
+
+
+def test_self_chain_matches_the_sampler_and_keeps_context():
+    """j steps of self_chain = the inference sampler's advance (same draws); clean frames untouched;
+    implied_noise inverts add_noise."""
+    from streamgen.engine.sampling import add_noise, advance
+    from streamgen.training.losses import implied_noise, self_chain
+    torch.manual_seed(0)
+    x0 = torch.randn(1, 6, 2, 3, 3)
+    noisy = torch.tensor([[False] * 3 + [True] * 3])
+    ts = [1000.0, 750.0, 500.0, 250.0]
+    A = torch.randn(2, 2, 1, 1)                                   # a toy linear "model"
+    denoise = lambda x, t: (x * (1 - t[:, :, None, None, None] / 1000)) @ A.new_ones(3, 3) / 3 + A.sum()
+    draws = [torch.randn(x0.shape) for _ in range(3)]
+    it = iter(draws)
+    got = self_chain(denoise, x0, noisy, ts, 2, lambda s: next(it))
+    assert torch.equal(got[:, :3], x0[:, :3])
+    it2 = iter([d[:, 3:] for d in draws])
+    flow = lambda x, t: (x - denoise(torch.cat([x0[:, :3], x], 1), torch.tensor([[0.0] * 3 + [t] * 3]))[:, 3:]) / (t / 1000)
+    ref = advance(flow, next(it2), ts, lambda s: next(it2), 2)
+    assert torch.allclose(got[:, 3:], ref, atol=1e-5)
+    t = torch.tensor([[0.0] * 3 + [500.0] * 3])
+    eps = torch.randn(x0.shape)
+    xt = torch.where(noisy[:, :, None, None, None], add_noise(x0, eps, 0.5), x0)
+    e = implied_noise(xt, x0, t)
+    assert torch.allclose(e[:, 3:], eps[:, 3:], atol=1e-5) and torch.equal(e[:, :3], torch.zeros_like(e[:, :3]))

@@ -131,6 +131,12 @@ class RunConfig:
                                            # (teacher forcing) | "self" (the student's own rollout from
                                            # max(start_chunks, 1) real chunks, as at inference; targets
                                            # stay data: flow matching against the true future)
+    chain_source: str = "data"             # causal_init: what a noisy chunk's input at t_j is built from:
+                                           # "data" (the true x0 noised, plain flow matching) | "self" (in a
+                                           # chain_p share of batches: the model's own x0 after the sampler's
+                                           # first j steps, re-noised with fresh noise to t_j, j uniform in
+                                           # 1..steps-1, as at inference); targets stay data
+    chain_p: float = 0.5
     frame_cond_noise: float = 0.0          # frame_cond models: the previous frame they see is
                                            # x + s * N(0, 1), s ~ U(0, this) per clip (GameNGen's
                                            # noise augmentation: robust to its own blurred frames)
@@ -186,6 +192,9 @@ class RunConfig:
             raise ConfigError("clean_p must lie in [0, 1] and start_chunks must be >= 0")
         if self.context_source not in ("data", "self"):
             raise ConfigError(f"context_source must be 'data' or 'self', got {self.context_source!r}")
+        if self.chain_source not in ("data", "self") or not 0 <= self.chain_p <= 1:
+            raise ConfigError(f"chain_source must be 'data' or 'self' and chain_p in [0, 1], got "
+                              f"{self.chain_source!r}, {self.chain_p!r}")
         if self.frame_cond_noise < 0:
             raise ConfigError("frame_cond_noise must be >= 0")
         if self.guidance_on not in ("text", "text+actions"):

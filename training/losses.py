@@ -85,6 +85,30 @@ def mix_context(noisy: torch.Tensor, own: torch.Tensor, clean: torch.Tensor, chu
     return torch.where(cf[:, :, None, None, None], own.to(noisy.dtype), noisy)
 
 
+def self_chain(denoise, x0: torch.Tensor, noisy: torch.Tensor, timesteps, j: int, draw) -> torch.Tensor:
+    """The input a noisy chunk has at step j of the few-step sampler (``chain_source: self``).
+
+    x0 [B, F, C, H, W] the clean latents; noisy [B, F] True on the frames being denoised (the others
+    stay x0: clean context); ``denoise(x, t) -> x0_hat`` with t [B, F]. Noisy frames start as pure
+    noise at timesteps[0]; each of the first j steps predicts x0 and re-noises it with fresh noise
+    ``draw(shape)`` to the next timestep, as :func:`streamgen.engine.sampling.advance` does.
+    -> x at timesteps[j] on the noisy frames."""
+    m = noisy[:, :, None, None, None]
+    x = torch.where(m, draw(x0.shape).to(x0.dtype), x0)
+    for i in range(j):
+        t = torch.where(noisy, torch.full_like(noisy, timesteps[i], dtype=torch.float32), 0.0)
+        x_next = add_noise(denoise(x, t).to(x0.dtype), draw(x0.shape).to(x0.dtype), timesteps[i + 1] / 1000.0)
+        x = torch.where(m, x_next, x0)
+    return x
+
+
+def implied_noise(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The eps with x_t = (1 - s) x0 + s eps (s = t/1000 per frame [B, F]); frames at t = 0 get 0.
+    With it, ``flow_matching_loss(v, x0, eps)`` asks x_t - s v = x0 of any input x_t."""
+    s = sigma_of(t).to(x_t.dtype)
+    return torch.where(s > 0, (x_t - (1 - s) * x0) / s.clamp_min(1e-6), torch.zeros_like(x_t))
+
+
 def sigma_of(t: torch.Tensor) -> torch.Tensor:
     """[B, F] timesteps -> sigmas broadcastable to latents [B, F, 1, 1, 1]."""
     return (t / 1000.0)[:, :, None, None, None]

@@ -146,6 +146,8 @@ class TeacherStage(LatentStage):
         kw = self.mask_kw() if self.mask == "block_causal" else {}
         kw.update(self.frame_cond(x0, g, noise=True))
         x_in = L.noise_latents(x0, eps, t)
+        if self.mask == "block_causal" and c.chain_source == "self" and torch.rand((), generator=g) < c.chain_p:
+            x_in, t, eps = self.chain_input(m, x0, t, text, act, kw, g)
         if self.mask == "block_causal" and c.context_source == "self":
             x_in = L.mix_context(x_in, self.own_rollout(m, x0, text_in, act_in, g), clean, self.k)
         with self.autocast():
@@ -182,6 +184,27 @@ class CausalInitStage(TeacherStage):
 
     def sample(self, step):
         return self.student_sample(_with_ema(self.mods["dit"], self.ema), self.gen(step, salt=9))
+
+    @torch.no_grad()
+    def chain_input(self, m, x0, t, text, act, kw, g):
+        """``chain_source: self``: every noisy frame at the sampler's step j (uniform in 1..steps-1),
+        its input built from the model's own first j steps (:func:`losses.self_chain`), and the
+        noise that input implies against the true x0. -> (x_in, t, eps)."""
+        ts = self.timesteps
+        j = int(torch.randint(1, len(ts), (), generator=g))
+        noisy = t > 0                                                     # [B, F]
+        was = m.training
+        m.eval()
+
+        def denoise(x, tt):
+            with self.autocast():
+                v = m(x, tt, text, action=act, **kw)
+            return L.to_x0(x, v.float(), L.sigma_of(tt), compute_dtype=None)
+
+        x_in = L.self_chain(denoise, x0, noisy, ts, j, lambda s: self.randn(s, g))
+        m.train(was)
+        t = torch.where(noisy, torch.full_like(t, ts[j]), t)
+        return x_in, t, L.implied_noise(x_in, x0, t)
 
     @torch.no_grad()
     def own_rollout(self, m, x0, text, act, g) -> torch.Tensor:
