@@ -15,8 +15,10 @@ Design (see ``DemoApp.build``):
 * **Per tab**: a ``gr.State`` holds a :class:`TabState` (inputs, the running :class:`Stream`,
   which gets its settings and callbacks as a :class:`StreamSettings`). A stream's worker thread generates chunks ahead into a small queue, reading the tab's inputs at
   every chunk boundary; the event generator drains it paced to the model's fps.
-* **Freeing**: a closed tab fires ``demo.unload``; the state's ``delete_callback`` and an idle
-  watchdog (no frames pulled for ``idle_timeout`` s) are the backstops.
+* **Freeing** (a :class:`TabRegistry`): a closed tab fires ``demo.unload``, and gradio closes the
+  stream's event generator when its client disconnects, each of which frees the session; an
+  unloaded session is never registered again by its page's events still in flight. The state's
+  ``delete_callback`` and an idle watchdog (no frames pulled for ``idle_timeout`` s) are backstops.
 """
 import argparse
 import json
@@ -32,8 +34,8 @@ import numpy as np
 from streamgen.cli import DEFAULT_PROMPT
 from streamgen.cli_args import OneLineParser, add_model_args
 
-from .demo_session import (DOWNLOADS, Stream, StreamSettings, TabState, describe_config, look_prompt,  # noqa: F401
-                           upscale_factor)
+from .demo_session import (DOWNLOADS, Stream, StreamSettings, TabRegistry, TabState,  # noqa: F401
+                           describe_config, look_prompt, upscale_factor)
 
 TURN_RATE = 0.5          # mouse dx/dy per chunk while an arrow key / turn button is held
 KEY_BUTTONS = ("W", "A", "S", "D")
@@ -76,8 +78,8 @@ class DemoApp:
         self.has_actions = bool(space["keys"]) or bool(space["mouse"])
         # the built-in world can render this model's ground truth (square world-sized frames)
         self.world_model = self.has_actions and d["height"] == d["width"] and set(space["keys"]) <= set(KEY_BUTTONS)
-        self.tabs: dict[str, TabState] = {}
-        self.tabs_lock = threading.Lock()
+        self.registry = TabRegistry()
+        self.tabs, self.tabs_lock = self.registry.tabs, self.registry.lock     # session hash -> TabState
         self.tmpdir = tempfile.mkdtemp(prefix="streamgen-demo-")
 
     def set_pipeline(self, pipe, notice: str | None = None):
@@ -96,14 +98,13 @@ class DemoApp:
             return sum(1 for t in self.tabs.values() if t.stream is not None and t.stream.running)
 
     def _tab(self, tab: TabState | None, request) -> TabState:
+        """The event's tab state, bound to its session; only ``start`` registers it (``attach``)."""
         if tab is None:
             tab = TabState()
         tab.space = self.info["action_space"]
         sh = getattr(request, "session_hash", None) if request is not None else None
         if sh:
             tab.session_hash = sh
-            with self.tabs_lock:
-                self.tabs[sh] = tab
         return tab
 
     def upscale(self, frame: np.ndarray) -> np.ndarray:
@@ -164,7 +165,6 @@ class DemoApp:
     def start(self, prompt, seed, tab, request=None, start="world"):
         """Generator: start a fresh stream for this tab and yield its frames paced to video rate.
         Yields (video, truth, readout, status, tab) updates."""
-        import gradio as gr
         tab = self._tab(tab, request)
         prompt = (prompt or "").strip() or self.default_prompt
         try:
@@ -174,23 +174,40 @@ class DemoApp:
         if seed < 0:
             raise user_error(f"seed must be >= 0, got {seed}")
         start = start if self.world_model and start in ("world", "noise") else "noise"
-        yield from self._wait_ready(tab)
-        if tab.stream is not None:
-            tab.close(wait=5.0)
-        if self.active_streams() >= self.max_sessions:
-            raise user_error(f"the demo is at its limit of {self.max_sessions} concurrent streams; try again later")
-        with tab._lock:
-            tab.pending_prompt = None
-            tab.pulses = []
+        if not self.registry.register(tab):        # a Start still in flight when its page closed
+            return
+        stream = None
         try:
-            stream = Stream(self.stream_settings(), tab, prompt, seed, start=start)
-        except Exception as e:       # bad prompt etc.
-            raise user_error(str(e)) from None
-        tab.stream = tab.last_stream = stream
-        yield gr.skip(), gr.skip(), self.readout(tab, "starting"), "", tab
+            yield from self._wait_ready(tab)
+            if tab.stream is not None:
+                tab.close(wait=5.0)
+            if self.active_streams() >= self.max_sessions:
+                raise user_error(f"the demo is at its limit of {self.max_sessions} concurrent streams; "
+                                 "try again later")
+            with tab._lock:
+                tab.pending_prompt = None
+                tab.pulses = []
+            try:
+                stream = Stream(self.stream_settings(), tab, prompt, seed, start=start)
+            except Exception as e:       # bad prompt etc.
+                raise user_error(str(e)) from None
+            if self.registry.attach(tab, stream):  # (False: the page closed while it was made)
+                yield from self._pump(tab, stream)
+        except GeneratorExit:
+            # gradio closes an event's generator when its client disconnected (or the event was
+            # cancelled): nobody shows this stream (stopped by _pump); free the tab now, whether
+            # or not gradio's unload arrives
+            self.registry.forget(tab.session_hash, stream)
+            raise
+
+    def _pump(self, tab: TabState, stream: Stream):
+        """Yield ``stream``'s frames paced to video rate until it stops; the stream is stopped
+        on the way out, however that happens."""
+        import gradio as gr
         next_t = None
         last_readout, last_status = 0.0, ""
         try:
+            yield gr.skip(), gr.skip(), self.readout(tab, "starting"), "", tab
             while tab.stream is stream and not stream.stop_evt.is_set():
                 try:
                     frame, truth, boundary, _ = stream.q.get(timeout=0.1)
@@ -291,34 +308,17 @@ class DemoApp:
             raise user_error(str(e)) from None
 
     def unload(self, request=None):
-        sh = getattr(request, "session_hash", None)
-        if not sh:
-            return
-        with self.tabs_lock:
-            tab = self.tabs.pop(sh, None)
-        if tab is not None:
-            tab.close()
+        """gradio's unload (the page's heartbeat dropped): free the tab for good."""
+        self.registry.unload(getattr(request, "session_hash", None))
 
     def stream_settings(self) -> StreamSettings:
+        # the idle watchdog's release drops the tab like a closed event generator does
         return StreamSettings(self.pipe, self.pipe_lock, self.info, self.world_model, self.has_actions,
-                              self.idle_timeout, self.max_record_bytes, self.forget_tab)
-
-    def forget_tab(self, session_hash: str | None, stream: "Stream"):
-        """Drop a tab whose stream was released by the idle watchdog (its page went away)."""
-        if not session_hash:
-            return
-        with self.tabs_lock:
-            tab = self.tabs.get(session_hash)
-            if tab is not None and tab.stream in (stream, None):
-                del self.tabs[session_hash]
+                              self.idle_timeout, self.max_record_bytes, self.registry.forget)
 
     def on_state_deleted(self, tab):
         if isinstance(tab, TabState):
-            tab.close()
-            if tab.session_hash:
-                with self.tabs_lock:
-                    if self.tabs.get(tab.session_hash) is tab:
-                        del self.tabs[tab.session_hash]
+            self.registry.deleted(tab)
 
     # UI ------------------------------------------------------------------------
     def build(self, title: str = "streamgen live demo"):

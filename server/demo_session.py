@@ -290,6 +290,83 @@ class Stream:
             }
 
 
+class TabRegistry:
+    """The tabs that started a stream, by gradio session hash (what ``DemoApp.tabs`` shows).
+
+    A tab joins when it starts a stream (:meth:`attach`) and leaves when its page goes away:
+    gradio's unload on heartbeat disconnect (:meth:`unload`), its stream's event generator
+    closed by gradio because the client disconnected, the idle watchdog (:meth:`forget`), or the
+    deletion of its state (:meth:`deleted`). An unloaded session is remembered (the last
+    ``remember`` of them), so an event of its page still in flight when the page closed (the
+    blur's input update, a click, a Start) can neither register it again nor start a stream."""
+
+    def __init__(self, remember: int = 4096):
+        self.tabs: dict[str, TabState] = {}
+        self.lock = threading.Lock()
+        self.unloaded: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.remember = int(remember)
+
+    def _gone(self, tab: "TabState") -> bool:           # under self.lock
+        if tab.session_hash and tab.session_hash in self.unloaded:
+            tab.closed = True
+        return tab.closed
+
+    def register(self, tab: "TabState") -> bool:
+        """List ``tab`` under its session hash; False when its page is gone (nothing listed)."""
+        with self.lock:
+            if self._gone(tab):
+                return False
+            if tab.session_hash:
+                self.tabs[tab.session_hash] = tab
+            return True
+
+    def attach(self, tab: "TabState", stream: Stream) -> bool:
+        """Make ``stream`` the tab's running stream, unless its page went away meanwhile: then
+        the stream is stopped and False returned (``unload`` cannot have seen it)."""
+        with self.lock:
+            ok = not self._gone(tab)
+            if ok:
+                tab.stream = tab.last_stream = stream
+                if tab.session_hash:
+                    self.tabs[tab.session_hash] = tab
+        if not ok:
+            stream.stop()
+        return ok
+
+    def unload(self, session_hash: str | None):
+        """The page of ``session_hash`` went away: drop its tab for good and stop its stream."""
+        if not session_hash:
+            return
+        with self.lock:
+            self.unloaded[session_hash] = None
+            self.unloaded.move_to_end(session_hash)
+            while len(self.unloaded) > self.remember:
+                self.unloaded.popitem(last=False)
+            tab = self.tabs.pop(session_hash, None)
+            if tab is not None:
+                tab.closed = True
+        if tab is not None:
+            tab.close()
+
+    def forget(self, session_hash: str | None, stream: Stream | None):
+        """Drop a tab whose ``stream`` ended because its client went away (the event generator
+        was closed, or the idle watchdog released it), unless the tab runs a newer stream."""
+        if not session_hash:
+            return
+        with self.lock:
+            tab = self.tabs.get(session_hash)
+            if tab is not None and tab.stream in (stream, None):
+                del self.tabs[session_hash]
+
+    def deleted(self, tab: "TabState"):
+        """gradio deleted the tab's state: stop its stream and drop it."""
+        with self.lock:
+            tab.closed = True
+            if tab.session_hash and self.tabs.get(tab.session_hash) is tab:
+                del self.tabs[tab.session_hash]
+        tab.close()
+
+
 class TabState:
     """What one browser tab owns: its latest inputs, prompt and running stream (kept in gr.State)."""
 
@@ -305,6 +382,7 @@ class TabState:
         self.last_stream: Stream | None = None
         self.space: dict | None = None
         self.session_hash: str | None = None
+        self.closed = False                # its page went away (see TabRegistry): never registered again
         self.show_truth = True             # the ground-truth panel (world models)
 
     def __deepcopy__(self, memo):

@@ -188,6 +188,41 @@ def test_idle_stream_is_freed(server):
         app.idle_timeout = old
 
 
+def test_closed_tab_stays_freed(server):
+    """A closed page's events still in flight after gradio's unload (the blur's input update, a
+    click, a Start) neither register its tab again nor start a stream; and a stream whose event
+    generator gradio closed (its client disconnected) frees its tab without any unload."""
+    import itertools
+    import types
+    demo, _ = server
+    app = demo.streamgen_app
+    for name, unload in (("unloaded-tab", True), ("disconnected-tab", False)):
+        req, tab = types.SimpleNamespace(session_hash=name), demo_mod.TabState()
+        gen = app.start("a dungeon", 0, tab, req, start="noise")
+        try:
+            assert any(isinstance(out[0], np.ndarray) for out in gen)      # up to the first frame
+            stream = tab.stream
+            assert app.tabs.get(name) is tab and stream.running
+            if unload:
+                app.unload(req)
+                app.set_input('{"keys": ["W"], "turn": [0, 0], "drag": [0, 0]}', tab, req)
+                app.press("W", tab, req)
+                app.stop(tab, req)
+                late = app.start("a dungeon", 1, tab, req, start="noise")
+                try:
+                    assert list(itertools.islice(late, 3)) == [], "a closed tab started a stream"
+                finally:
+                    late.close()
+                assert tab.closed and tab.stream is None
+            else:
+                gen.close()                          # what gradio does when the client went away
+            assert name not in app.tabs, "closed tab's session was not freed"
+            assert wait_for(stream.done.is_set, 10) and stream.session.cache is None
+        finally:
+            gen.close()
+    assert app.active_streams() == 0
+
+
 def test_main_rejects_bad_args(capsys):
     with pytest.raises(SystemExit):
         demo_mod.main(["--port", "notaport"])

@@ -178,3 +178,51 @@ def test_self_chain_matches_the_sampler_and_keeps_context():
     xt = torch.where(noisy[:, :, None, None, None], add_noise(x0, eps, 0.5), x0)
     e = implied_noise(xt, x0, t)
     assert torch.allclose(e[:, 3:], eps[:, 3:], atol=1e-5) and torch.equal(e[:, :3], torch.zeros_like(e[:, :3]))
+
+
+def test_transition_pairs_take_context_from_data_and_noisy_frames_from_the_model():
+    x0 = torch.arange(6.0).view(1, 6, 1, 1, 1).repeat(2, 1, 1, 1, 1)              # data frame f = f
+    x0_hat = -x0                                                                  # model frame f = -f
+    noisy = torch.tensor([[False, False, False, True, True, True], [True, True, True, False, False, False]])
+    real, fake, b, f = L.transition_pairs(x0, x0_hat, noisy)
+    # clip 0: frames 3, 4, 5 (frame 3's previous is clean data 2); clip 1: frames 1, 2 (frame 0 has none)
+    assert b.tolist() == [0, 0, 0, 1, 1] and f.tolist() == [3, 4, 5, 1, 2]
+    assert real[:, :, 0, 0, 0].tolist() == [[2, 3], [3, 4], [4, 5], [0, 1], [1, 2]]
+    assert fake[:, :, 0, 0, 0].tolist() == [[2, -3], [-3, -4], [-4, -5], [0, -1], [-1, -2]]
+
+
+def test_hinge_losses():
+    assert L.hinge_d_loss(torch.tensor([2.0]), torch.tensor([-2.0])).item() == 0.0   # confident and right
+    assert L.hinge_d_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == 2.0
+    assert L.hinge_g_loss(torch.tensor([1.0, 3.0])).item() == -2.0
+
+
+def test_transition_critic_learns_blur_and_keys():
+    """A few dozen hinge steps: the critic tells data transitions from blurred ones, and from data
+    shown with the wrong key (here, the motion is a shift whose direction the key gives)."""
+    from streamgen.training.discriminator import TransitionCritic
+    torch.manual_seed(0)
+    d = TransitionCritic(channels=2, action_dim=2, width=16)
+    opt = torch.optim.Adam(d.parameters(), lr=2e-3, betas=(0.5, 0.999))
+
+    def batch(n=32):
+        a = torch.randint(0, 2, (n,))
+        prev = torch.randn(n, 2, 8, 8)
+        cur = torch.where(a[:, None, None, None] == 1, prev.roll(1, -1), prev.roll(-1, -1))
+        return torch.stack([prev, cur], 1), torch.nn.functional.one_hot(a, 2).float()
+
+    def blur(p):
+        return torch.stack([p[:, 0], torch.nn.functional.avg_pool2d(p[:, 1], 3, 1, 1)], 1)
+
+    for _ in range(120):
+        pair, a = batch()
+        loss = L.hinge_d_loss(d(pair, a), d(blur(pair), a)) + torch.relu(1 + d(pair, 1 - a)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pair, a = batch(256)
+        real, blurred, wrong = d(pair, a).mean(1), d(blur(pair), a).mean(1), d(pair, 1 - a).mean(1)
+    assert (real > blurred).float().mean() > 0.9
+    assert (real > wrong).float().mean() > 0.9
+    assert d(pair, a).shape == (256, 4)

@@ -149,6 +149,21 @@ def test_psnr_ssim_reference_values():
     assert ssim(a, 255 - a) < 0.0 < ssim(a, b) < 1.0
 
 
+def test_edge_ratio_sees_blur():
+    """A world walk against itself is 1; the same frames blurred (what beats copy-last on PSNR
+    without showing a wall) score far lower; a flat frame scores 0."""
+    import torch
+    from streamgen.eval.continuation import edge_ratio
+    f = walk(900700, 6)["frames"]
+    x = torch.from_numpy(f).permute(0, 3, 1, 2).float()
+    blurred = torch.nn.functional.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+    blurred = blurred.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    assert abs(edge_ratio(f, f) - 1.0) < 1e-6
+    assert edge_ratio(blurred, f) < 0.6
+    assert psnr(blurred, f) > 20.0                  # the blur is close in PSNR
+    assert edge_ratio(np.full_like(f, 90), f) == 0.0
+
+
 def test_continuation_metric_runs_and_references_make_sense(tiny):
     w = walk(900700, 12)
     assert w["frames"].shape == (12, 64, 64, 3) and len(w["actions"]) == 12
@@ -157,6 +172,7 @@ def test_continuation_metric_runs_and_references_make_sense(tiny):
     # a random-weight model is far below copy-last; the autoencoder ceiling is its own reconstruction
     assert r["model"]["psnr_mean"] < r["copy_last"]["psnr_mean"]
     assert math.isfinite(r["action_sensitivity_db"])
+    assert len(r["model"]["edge_ratio"]) == 2 and r["copy_last"]["edge_ratio_mean"] > 0
     with pytest.raises(ValueError, match="at least 2"):
         continuation(tiny, walks=1)
 

@@ -137,6 +137,13 @@ class RunConfig:
                                            # first j steps, re-noised with fresh noise to t_j, j uniform in
                                            # 1..steps-1, as at inference); targets stay data
     chain_p: float = 0.5
+    adv_weight: float = 0.0                # causal_init: weight of an adversarial loss on the student's x0
+                                           # (0: off). A critic of latent frame transitions conditioned on the
+                                           # keys (training/discriminator.py, trained with critic_optim) judges
+                                           # (frame f-1, frame f) of data against the student's; against blur
+    adv_start: int = 100                   # steps the critic trains alone before the student feels it
+    adv_mismatch: float = 0.5              # weight of data transitions shown with another one's keys as fakes
+    adv_width: int = 64                    # critic conv width
     frame_cond_noise: float = 0.0          # frame_cond models: the previous frame they see is
                                            # x + s * N(0, 1), s ~ U(0, this) per clip (GameNGen's
                                            # noise augmentation: robust to its own blurred frames)
@@ -195,6 +202,10 @@ class RunConfig:
         if self.chain_source not in ("data", "self") or not 0 <= self.chain_p <= 1:
             raise ConfigError(f"chain_source must be 'data' or 'self' and chain_p in [0, 1], got "
                               f"{self.chain_source!r}, {self.chain_p!r}")
+        if self.adv_weight < 0 or self.adv_start < 0 or self.adv_mismatch < 0 or self.adv_width <= 0:
+            raise ConfigError("adv_weight, adv_start and adv_mismatch must be >= 0 and adv_width > 0")
+        if self.adv_weight > 0 and self.stage != "causal_init":
+            raise ConfigError(f"adv_weight is a causal_init option, not for stage {self.stage!r}")
         if self.frame_cond_noise < 0:
             raise ConfigError("frame_cond_noise must be >= 0")
         if self.guidance_on not in ("text", "text+actions"):

@@ -245,3 +245,28 @@ def lr_at(step: int, total: int, lr: float, warmup: int = 0, schedule: str = "co
         return lr
     p = min(1.0, (step - warmup) / (total - warmup - 1))
     return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
+# ------------------------------------------------------------------ adversarial (sharpness + keys)
+def transition_pairs(x0: torch.Tensor, x0_hat: torch.Tensor, noisy: torch.Tensor):
+    """The frame transitions an adversarial critic judges: every noisy frame f >= 1.
+
+    x0 (data), x0_hat (the model's x0) [B, F, C, H, W]; noisy [B, F] bool. -> real [N, 2, C, H, W]
+    (data frame f-1, data frame f), fake [N, 2, C, H, W] (frame f-1 as the model would see it at
+    inference: its own x0 where f-1 is noisy, data where it is clean context; its own frame f),
+    and (b, f) [N] indices (to gather each transition's action)."""
+    prev_fake = torch.where(noisy[:, :-1, None, None, None], x0_hat[:, :-1], x0[:, :-1])   # [B, F-1, ...]
+    b, f = torch.nonzero(noisy[:, 1:], as_tuple=True)                                       # frame f = f + 1
+    real = torch.stack([x0[b, f], x0[b, f + 1]], 1)
+    fake = torch.stack([prev_fake[b, f], x0_hat[b, f + 1]], 1)
+    return real, fake, b, f + 1
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Critic hinge loss: mean relu(1 - D(real)) + mean relu(1 + D(fake))."""
+    return torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean()
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator hinge loss: -mean D(fake)."""
+    return -fake_logits.mean()

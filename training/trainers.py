@@ -18,6 +18,7 @@ from ..engine.chunk_step import rollout as inference_rollout
 from . import losses as L
 from .config import RunConfig
 from .data import batch_indices, load_latents
+from .discriminator import TransitionCritic
 from .distributed import Dist
 from .rollout import new_cache, rollout
 from .stage_autoencoder import AutoencoderStage
@@ -153,9 +154,13 @@ class TeacherStage(LatentStage):
         with self.autocast():
             v = m(x_in, t, text, action=act, **kw)
             loss = L.flow_matching_loss(v, x0, eps, weight=w)
-        gn = self.update("dit", loss, step, c.optim)
+        total, logs = loss, {}
+        if "disc" in self.mods:
+            adv, logs = self.adversarial(x0, L.x0_from_flow(x_in, v.float(), t), t > 0, act_in, step, g)
+            total = loss + adv
+        gn = self.update("dit", total, step, c.optim)
         self.ema_step(m, step)
-        return {"loss": loss.item(), "grad_norm": gn}
+        return {"loss": loss.item(), "grad_norm": gn, **logs}
 
     def sample(self, step):
         g = self.gen(step, salt=9)
@@ -181,6 +186,37 @@ class CausalInitStage(TeacherStage):
             cfg = dataclasses.replace(cfg, init=cfg.teacher)
         super().__init__(cfg, dist)
         self.timesteps = self.sampler.timesteps                       # warped few-step list (own rollouts)
+        if cfg.adv_weight > 0:
+            a = self.pcfg.model.actions
+            d = TransitionCritic(self.pcfg.model.in_channels, self.data["actions"].shape[-1] if a.enabled else 0,
+                                 cfg.adv_width).to(self.device)
+            self.mods["disc"] = dist.prepare(d)
+            self.opts["disc"] = adamw(d, cfg.critic_optim)
+
+    def adversarial(self, x0, x0_hat, noisy, act, step, g):
+        """``adv_weight``: one critic update on this batch's transitions (data real; the student's
+        detached, and data with shuffled keys, fake), then the student's hinge loss through the
+        critic. x0, x0_hat [B, F, C, H, W], noisy [B, F], act [B, F, A]. -> (weighted loss, logs)."""
+        c, d = self.cfg, self.mods["disc"]
+        real, fake, b, f = L.transition_pairs(x0.float(), x0_hat, noisy)
+        if real.shape[0] == 0:
+            return x0_hat.sum() * 0, {}
+        a = None if act is None else act[b, f].float()                    # [N, A]
+        d.requires_grad_(True)
+        d_real, d_fake = d(real, a), d(fake.detach(), a)
+        d_loss = L.hinge_d_loss(d_real, d_fake)
+        if a is not None and c.adv_mismatch > 0 and a.shape[0] > 1:
+            perm = torch.randperm(a.shape[0], generator=g).to(a.device)
+            d_loss = d_loss + c.adv_mismatch * torch.relu(1 + d(real, a[perm])).mean()
+        self.update("disc", d_loss, step, c.critic_optim)
+        logs = {"d_loss": d_loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
+        if step < c.adv_start:
+            return x0_hat.sum() * 0, logs
+        d.requires_grad_(False)                                           # the student's loss only
+        g_loss = L.hinge_g_loss(d(fake, a))
+        d.requires_grad_(True)
+        logs["g_adv"] = g_loss.item()
+        return c.adv_weight * g_loss, logs
 
     def sample(self, step):
         return self.student_sample(_with_ema(self.mods["dit"], self.ema), self.gen(step, salt=9))

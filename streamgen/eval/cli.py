@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["copy_last_psnr_chunk1"] = c["copy_last"]["psnr"][0]
                 summary["copy_last_psnr_mean"] = c["copy_last"]["psnr_mean"]
                 summary["shuffled_actions_cost_db"] = c["action_sensitivity_db"]
+                summary["continuation_edge_ratio"] = c["model"]["edge_ratio_mean"]
             print(json.dumps(summary))
         return 0
     except _UsageError as e:

@@ -3,8 +3,10 @@
 Held-out world seeds, exploring-policy walks. The model opens from the walk's first true
 chunk (``session(..., start=frames, start_actions=...)``), then receives the true actions and
 generates ``chunks`` more chunks. Each generated chunk is compared with the true frames
-(PSNR and SSIM, uint8 at the model's size), next to three references measured on the same
-walks:
+(PSNR and SSIM, uint8 at the model's size) and by its sharpness (``edge_ratio``: the mean
+image-gradient magnitude of the prediction over the truth's, 1 = as much edge as the world; a
+blurred guess can beat copy-last on PSNR and still show no walls, and this number says so),
+next to three references measured on the same walks:
 
   copy_last     the last opening frame repeated (what a model that ignores actions and
                 motion would score);
@@ -44,6 +46,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR (dB) of two uint8 arrays of one shape."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
+
+
+def edge_ratio(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |image gradient| of frames ``a`` over that of ``b`` (uint8 [N, H, W, 3]): 1 when
+    ``a`` is as sharp as ``b``, toward 0 as it blurs (more than 1: noisier)."""
+    def energy(x):
+        x = x.astype(np.float32).mean(-1)                                  # [N, H, W] luma-ish
+        return np.abs(np.diff(x, axis=-1)).mean() + np.abs(np.diff(x, axis=-2)).mean()
+    return float(energy(a) / max(energy(b), 1e-6))
 
 
 def _gauss_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:
@@ -96,6 +107,7 @@ def continuation(gen, walks: int = 4, chunks: int = 8, seed: int = 900000, progr
     names = ("model", "shuffled", "copy_last", "autoencoder")
     P = {m: np.zeros((walks, chunks)) for m in names}
     S = {m: np.zeros((walks, chunks)) for m in names}
+    E = {m: np.zeros((walks, chunks)) for m in names}
     t0, made = time.perf_counter(), 0
     bar = progress(total=walks * 2, desc="continuation walks") if progress else None
     for i, w in enumerate(ws):
@@ -115,13 +127,15 @@ def continuation(gen, walks: int = 4, chunks: int = 8, seed: int = 900000, progr
                 sl = slice(j * k, (j + 1) * k)
                 P[m][i, j] = psnr(preds[m][sl], true[sl])
                 S[m][i, j] = ssim(preds[m][sl], true[sl])
+                E[m][i, j] = edge_ratio(preds[m][sl], true[sl])
     if bar is not None:
         bar.close()
     out = {"walks": walks, "chunks": chunks, "chunk_frames": k, "seeds": [seed + 700 + i for i in range(walks)],
            "gen_fps": made / max(time.perf_counter() - t0, 1e-9)}
     for m in names:
         out[m] = {"psnr": [float(v) for v in P[m].mean(0)], "ssim": [float(v) for v in S[m].mean(0)],
-                  "psnr_mean": float(P[m].mean()), "ssim_mean": float(S[m].mean())}
+                  "edge_ratio": [float(v) for v in E[m].mean(0)],
+                  "psnr_mean": float(P[m].mean()), "ssim_mean": float(S[m].mean()), "edge_ratio_mean": float(E[m].mean())}
     out["model_minus_copy_last_db"] = {"chunk1": out["model"]["psnr"][0] - out["copy_last"]["psnr"][0],
                                        "mean": out["model"]["psnr_mean"] - out["copy_last"]["psnr_mean"]}
     out["action_sensitivity_db"] = out["model"]["psnr_mean"] - out["shuffled"]["psnr_mean"]
