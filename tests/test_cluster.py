@@ -386,7 +386,9 @@ def test_killed_replica_ends_only_its_sessions_and_is_restarted(cluster):
         assert await b.frames_until(6) == 6, "the other replica's session keeps streaming"
         c = await Client.connect(cluster.ws_url)
         rc = await c.start("while it restarts", seed=3)
-        assert rc["type"] == "ready" and replica_of(rc) == 1 - victim, "new sessions go to the live replica"
+        assert rc["type"] == "ready", rc
+        if replica_of(rc) == victim:        # Ray may already have restarted it: then it must be the new process
+            assert (await replica_pids(cluster)).get(victim) not in (None, pid), "a new session went to the dead replica"
         assert await c.frames_until(3) == 3
         t_end = time.monotonic() + float(os.environ.get("STREAMGEN_TEST_RESTART_S", 180))   # a model load
         while (await replica_pids(cluster)).get(victim) in (None, pid):

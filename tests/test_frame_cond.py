@@ -21,9 +21,9 @@ from streamgen.training.rollout import new_cache, rollout
 H = W = 8
 
 
-def fc_model(seed=0):
+def fc_model(seed=0, mode="last"):
     torch.manual_seed(seed)
-    cfg = dataclasses.replace(ModelConfig.from_name("tiny"), frame_cond="last")
+    cfg = dataclasses.replace(ModelConfig.from_name("tiny"), frame_cond=mode)
     m = WanDiT(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():                   # the frame embedding starts at zero: make it matter
@@ -37,9 +37,10 @@ def test_previous_chunk_last():
     assert got == [0, 0, 1, 1, 3, 3]
 
 
+@pytest.mark.parametrize("mode", ["last", "residual"])
 @pytest.mark.parametrize("window,sink", [(-1, 0), (6, 3)])
-def test_streaming_equals_block_causal_forward(window, sink):
-    m = fc_model()
+def test_streaming_equals_block_causal_forward(window, sink, mode):
+    m = fc_model(mode=mode)
     cfg, k, frames = m.cfg, 3, 12
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, frames, cfg.in_channels, H, W, generator=g)       # the clean latents
@@ -62,6 +63,22 @@ def test_streaming_equals_block_causal_forward(window, sink):
     assert (got - ref).abs().max().item() <= 1e-5
     assert (plain - ref)[:, k:].abs().max().item() > 1e-3          # the frame really changes the output
     assert (plain - ref)[:, :k].abs().max().item() == 0            # chunk 0 sees zeros
+
+
+def test_residual_is_last_minus_the_frame():
+    """frame_cond="residual" = the "last" network's flow minus the frame: x0 = x_t - sigma (v - a)
+    leans toward the last frame by sigma; at t = 0 the input passes through unchanged."""
+    last, res = fc_model(mode="last"), fc_model(mode="residual")
+    res.load_state_dict(last.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 6, last.cfg.in_channels, H, W, generator=g)
+    t = torch.rand(1, 6, generator=g) * 1000
+    text = torch.randn(1, last.cfg.text_len, last.cfg.text_dim, generator=g)
+    a = previous_chunk_last(torch.randn_like(x), 3)
+    kw = dict(attn_mode="block_causal", chunk_frames=3, frame_cond=a)
+    with torch.no_grad():
+        assert torch.allclose(res(x, t, text, **kw), last(x, t, text, **kw) - a, atol=1e-6)
+    assert res.cfg.num_params() == last.cfg.num_params() == sum(p.numel() for p in res.parameters())
 
 
 def test_full_forward_needs_frame_cond_and_cache_needs_size():

@@ -147,6 +147,11 @@ class ModelConfig(_Named):
     # what it saw; this is that idea reduced to one frame, kept out of the K/V path so the
     # cache, the masks and the Wan layout stay as they are. Streaming keeps the frame in the
     # cache (``StreamCache.last_frame``); full forwards take ``frame_cond=``.
+    # "residual": "last", and the frame is also subtracted from the predicted flow, so the
+    # network predicts the flow of the *change* since that frame (x0 = x_t - sigma (v_net - a)):
+    # with nothing to add, x0 leans toward the last frame by sigma, a skip path that keeps its
+    # edges instead of asking 16 tokens per frame to redraw them (video-prediction models
+    # predict the residual to the last frame for the same reason).
     frame_cond: str = "none"
 
     def __post_init__(self):
@@ -172,8 +177,8 @@ class ModelConfig(_Named):
             raise ConfigError("pos_grid must be > 0")
         if self.action_inject not in ("time", "time+blocks"):
             raise ConfigError(f"action_inject must be 'time' or 'time+blocks', got {self.action_inject!r}")
-        if self.frame_cond not in ("none", "last"):
-            raise ConfigError(f"frame_cond must be 'none' or 'last', got {self.frame_cond!r}")
+        if self.frame_cond not in ("none", "last", "residual"):
+            raise ConfigError(f"frame_cond must be 'none', 'last' or 'residual', got {self.frame_cond!r}")
 
     @property
     def head_dim(self) -> int:
@@ -199,7 +204,7 @@ class ModelConfig(_Named):
         rest += 2 * d + d * self.out_channels * p + self.out_channels * p
         if self.actions.enabled:
             rest += self.actions.dim * d + d + d * d + d
-        if self.frame_cond == "last":
+        if self.frame_cond != "none":
             rest += self.in_channels * p * d + d
         return self.num_layers * per_block + rest
 

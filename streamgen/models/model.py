@@ -196,7 +196,7 @@ class WanDiT(nn.Module):
         self.cfg = cfg
         d, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=p, stride=p)
-        if cfg.frame_cond == "last":         # the previous chunk's last frame, same patches
+        if cfg.frame_cond != "none":         # the previous chunk's last frame, same patches
             self.frame_cond_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=p, stride=p)
             nn.init.zeros_(self.frame_cond_embedding.weight)      # starts as the plain model
             nn.init.zeros_(self.frame_cond_embedding.bias)
@@ -291,7 +291,7 @@ class WanDiT(nn.Module):
         ``cache.begin_chunk``; its K/V are written into the cache in place.
         Text: pass ``text`` [B, text_len, text_dim] or precomputed ``cross_kv``
         (default: ``cache.cross_kv``).
-        ``frame_cond`` ("last" models): each frame's conditioning latent [B, F, C, H, W]
+        ``frame_cond`` ("last" / "residual" models): each frame's conditioning latent [B, F, C, H, W]
         (:func:`previous_chunk_last` of the clean latents); streaming reads ``cache.last_frame``.
         """
         B, Fr = x.shape[:2]
@@ -307,7 +307,7 @@ class WanDiT(nn.Module):
             frame_cond = None
         elif frame_cond is None:
             if cache is None:
-                raise ConfigError("this model (frame_cond='last') needs frame_cond= [B, F, C, H, W] in a "
+                raise ConfigError(f"this model (frame_cond={self.cfg.frame_cond!r}) needs frame_cond= [B, F, C, H, W] in a "
                                   "full forward: previous_chunk_last(clean latents, chunk_frames)")
             frame_cond = cache.last_frame[:, None].expand(B, Fr, *cache.last_frame.shape[1:])
         elif frame_cond.shape != x.shape:
@@ -334,4 +334,7 @@ class WanDiT(nn.Module):
             act = self.action_features(action.to(self.action_features[0].weight.dtype))   # [B, F, dim]
         for i, blk in enumerate(self.blocks):
             tokens = blk(tokens, e0, ctx, None if cross_kv is None else cross_kv[i], context, act)
-        return self._unpatchify(self.head(tokens, e), grid)
+        v = self._unpatchify(self.head(tokens, e), grid)                   # [B, F, C, H, W]
+        if self.cfg.frame_cond == "residual":                # the flow of the change since the frame
+            v = v - frame_cond.to(v.dtype)
+        return v
