@@ -191,6 +191,17 @@ def test_transition_pairs_take_context_from_data_and_noisy_frames_from_the_model
     assert fake[:, :, 0, 0, 0].tolist() == [[2, -3], [-3, -4], [-4, -5], [0, -1], [-1, -2]]
 
 
+def test_transition_pairs_judge_only_the_judged_frames_but_keep_the_model_s_previous_frame():
+    x0 = torch.arange(6.0).view(1, 6, 1, 1, 1)
+    x0_hat = -x0
+    noisy = torch.tensor([[False, False, True, True, True, True]])
+    judged = torch.tensor([[True, True, False, False, True, True]])                # frames 2, 3: too noisy
+    real, fake, b, f = L.transition_pairs(x0, x0_hat, noisy, judged)
+    assert f.tolist() == [4, 5]                                                   # clean frames 0, 1 never judged
+    # frame 4's previous frame 3 is noisy (not judged): the model's own x0, as at inference
+    assert fake[:, :, 0, 0, 0].tolist() == [[-3, -4], [-4, -5]] and real[:, :, 0, 0, 0].tolist() == [[3, 4], [4, 5]]
+
+
 def test_hinge_losses():
     assert L.hinge_d_loss(torch.tensor([2.0]), torch.tensor([-2.0])).item() == 0.0   # confident and right
     assert L.hinge_d_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == 2.0

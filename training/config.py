@@ -144,6 +144,7 @@ class RunConfig:
     adv_start: int = 100                   # steps the critic trains alone before the student feels it
     adv_mismatch: float = 0.5              # weight of data transitions shown with another one's keys as fakes
     adv_width: int = 64                    # critic conv width
+    adv_t_max: int = 1000                  # the critic judges only frames noised to t <= this (the sampler's late steps)
     frame_cond_noise: float = 0.0          # frame_cond models: the previous frame they see is
                                            # x + s * N(0, 1), s ~ U(0, this) per clip (GameNGen's
                                            # noise augmentation: robust to its own blurred frames)
@@ -204,6 +205,8 @@ class RunConfig:
                               f"{self.chain_source!r}, {self.chain_p!r}")
         if self.adv_weight < 0 or self.adv_start < 0 or self.adv_mismatch < 0 or self.adv_width <= 0:
             raise ConfigError("adv_weight, adv_start and adv_mismatch must be >= 0 and adv_width > 0")
+        if not 0 < self.adv_t_max <= 1000:
+            raise ConfigError(f"adv_t_max must be in (0, 1000], got {self.adv_t_max}")
         if self.adv_weight > 0 and self.stage != "causal_init":
             raise ConfigError(f"adv_weight is a causal_init option, not for stage {self.stage!r}")
         if self.frame_cond_noise < 0:

@@ -248,15 +248,18 @@ def lr_at(step: int, total: int, lr: float, warmup: int = 0, schedule: str = "co
 
 
 # ------------------------------------------------------------------ adversarial (sharpness + keys)
-def transition_pairs(x0: torch.Tensor, x0_hat: torch.Tensor, noisy: torch.Tensor):
-    """The frame transitions an adversarial critic judges: every noisy frame f >= 1.
+def transition_pairs(x0: torch.Tensor, x0_hat: torch.Tensor, noisy: torch.Tensor,
+                     judged: torch.Tensor | None = None):
+    """The frame transitions an adversarial critic judges: every noisy frame f >= 1 (or, with
+    ``judged`` [B, F] bool, every judged frame f >= 1; judged frames must be noisy).
 
     x0 (data), x0_hat (the model's x0) [B, F, C, H, W]; noisy [B, F] bool. -> real [N, 2, C, H, W]
     (data frame f-1, data frame f), fake [N, 2, C, H, W] (frame f-1 as the model would see it at
     inference: its own x0 where f-1 is noisy, data where it is clean context; its own frame f),
     and (b, f) [N] indices (to gather each transition's action)."""
     prev_fake = torch.where(noisy[:, :-1, None, None, None], x0_hat[:, :-1], x0[:, :-1])   # [B, F-1, ...]
-    b, f = torch.nonzero(noisy[:, 1:], as_tuple=True)                                       # frame f = f + 1
+    judged = noisy if judged is None else judged & noisy
+    b, f = torch.nonzero(judged[:, 1:], as_tuple=True)                                      # frame f = f + 1
     real = torch.stack([x0[b, f], x0[b, f + 1]], 1)
     fake = torch.stack([prev_fake[b, f], x0_hat[b, f + 1]], 1)
     return real, fake, b, f + 1

@@ -156,7 +156,7 @@ class TeacherStage(LatentStage):
             loss = L.flow_matching_loss(v, x0, eps, weight=w)
         total, logs = loss, {}
         if "disc" in self.mods:
-            adv, logs = self.adversarial(x0, L.x0_from_flow(x_in, v.float(), t), t > 0, act_in, step, g)
+            adv, logs = self.adversarial(x0, L.x0_from_flow(x_in, v.float(), t), t, act_in, step, g)
             total = loss + adv
         gn = self.update("dit", total, step, c.optim)
         self.ema_step(m, step)
@@ -193,12 +193,13 @@ class CausalInitStage(TeacherStage):
             self.mods["disc"] = dist.prepare(d)
             self.opts["disc"] = adamw(d, cfg.critic_optim)
 
-    def adversarial(self, x0, x0_hat, noisy, act, step, g):
+    def adversarial(self, x0, x0_hat, t, act, step, g):
         """``adv_weight``: one critic update on this batch's transitions (data real; the student's
         detached, and data with shuffled keys, fake), then the student's hinge loss through the
-        critic. x0, x0_hat [B, F, C, H, W], noisy [B, F], act [B, F, A]. -> (weighted loss, logs)."""
+        critic. x0, x0_hat [B, F, C, H, W], t [B, F] (0 = clean context; frames with t >
+        ``adv_t_max`` are not judged), act [B, F, A]. -> (weighted loss, logs)."""
         c, d = self.cfg, self.mods["disc"]
-        real, fake, b, f = L.transition_pairs(x0.float(), x0_hat, noisy)
+        real, fake, b, f = L.transition_pairs(x0.float(), x0_hat, t > 0, t <= c.adv_t_max)
         if real.shape[0] == 0:
             return x0_hat.sum() * 0, {}
         a = None if act is None else act[b, f].float()                    # [N, A]
